@@ -1,0 +1,71 @@
+"""Launch configurations of the kernels: the block sizes the package may launch, chosen per kernel and ``d``.
+
+The autotuner (``triton_sort.autotune``) searches ``candidate_configs``; until it has tuned a device the package
+launches ``default_config``. The compile-only test compiles every configuration returned here for sm_80 and sm_90.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+KERNEL_NAMES = ("matrix_forward", "apply_forward", "apply_backward")
+
+# Wider d is split over programs (grid axis 2) so that a (BLOCK_N, BLOCK_D) tile stays in registers.
+MAX_BLOCK_D = 128
+# tl.dot needs every dimension >= 16; d = 1 uses a plain row reduction instead.
+MIN_DOT_DIM = 16
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1`` at import time)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def next_power_of_2(value: int) -> int:
+    return 1 if value <= 1 else 1 << (value - 1).bit_length()
+
+
+def block_d_for(d: int) -> int:
+    """Tile width over the value dimension: 1 for d = 1, else a power of two in [16, MAX_BLOCK_D]."""
+    if d == 1:
+        return 1
+    return min(max(MIN_DOT_DIM, next_power_of_2(d)), MAX_BLOCK_D)
+
+
+BLOCK_D_CHOICES = (1, 16, 32, 64, 128)
+
+# The interpreter costs about 3 ms per program per loop step, whatever the tile: large tiles, few steps.
+_INTERPRETER_CONFIG = KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=1)
+
+
+def default_config(kernel: str, block_d: int = 1) -> KernelConfig:
+    """The configuration launched where nobody has tuned: the interpreter's, or the GPU heuristic."""
+    return _INTERPRETER_CONFIG if interpreting() else gpu_heuristic_config(kernel, block_d)
+
+
+def gpu_heuristic_config(kernel: str, block_d: int = 1) -> KernelConfig:
+    """Heuristic GPU configuration (the kernels are exp-bound: 64x64 tiles, 4 warps)."""
+    if kernel not in KERNEL_NAMES:
+        raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNEL_NAMES}")
+    if kernel != "matrix_forward" and block_d >= 64:
+        # Keep the (BLOCK_N, BLOCK_D) value tile and the accumulator in registers without spilling.
+        return KernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    return KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
+
+
+def candidate_configs(kernel: str, block_d: int = 1) -> list[KernelConfig]:
+    """Every configuration the package may launch for ``kernel`` at this ``block_d``."""
+    configs = {gpu_heuristic_config(kernel, block_d), _INTERPRETER_CONFIG}
+    return sorted(configs, key=lambda cfg: tuple(asdict(cfg).values()))

@@ -1,0 +1,9 @@
+"""triton-sort: fast, exact differentiable sorting (NeuralSort) with Triton kernels and a PyTorch path."""
+
+from . import ops  # noqa: F401  (registers the torch.ops.triton_sort custom ops)
+from .api import relaxed_sort_apply, relaxed_sort_matrix
+from .modules import NeuralSort
+
+__version__ = "0.1.0"
+
+__all__ = ["NeuralSort", "relaxed_sort_apply", "relaxed_sort_matrix", "__version__"]

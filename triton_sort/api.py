@@ -1,0 +1,140 @@
+"""Functional API: validation, shape handling and backend choice in front of the custom ops."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+Backend = Literal["auto", "torch", "triton"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_tau(tau: float | Tensor) -> float:
+    """tau as a Python float; a clear error for anything that is not a finite positive real number."""
+    if isinstance(tau, Tensor):
+        if tau.numel() != 1 or tau.is_complex() or tau.dtype == torch.bool:
+            raise TypeError(f"tau must be a real number or a one-element tensor, got a tensor of shape "
+                            f"{tuple(tau.shape)} and dtype {tau.dtype}")
+        tau = float(tau.item())
+    elif isinstance(tau, bool) or not isinstance(tau, numbers.Real):
+        raise TypeError(f"tau must be a real number, got {type(tau).__name__}")
+    tau = float(tau)
+    if not math.isfinite(tau) or tau <= 0:
+        raise ValueError(f"tau must be finite and > 0, got {tau}")
+    return tau
+
+
+def _check_flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def _check_scores(scores: object) -> Tensor:
+    if not isinstance(scores, Tensor):
+        raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
+    if scores.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"scores must have a real floating dtype (float32, float16, bfloat16 or float64), "
+                        f"got {scores.dtype}")
+    if scores.dim() not in (1, 2):
+        raise ValueError(f"scores must have shape (n,) or (B, n), got {tuple(scores.shape)}")
+    return scores
+
+
+def _resolve_backend(backend: str, scores: Tensor) -> str:
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "auto":
+        return "triton" if scores.is_cuda and scores.dtype in TRITON_DTYPES and _triton_available() else "torch"
+    if backend == "triton":
+        if scores.dtype not in TRITON_DTYPES:
+            raise TypeError(f"backend='triton' supports float32, float16 and bfloat16, got {scores.dtype}; "
+                            "use backend='torch' for float64")
+        if not _triton_available():
+            raise ValueError("backend='triton' needs the triton package, which is not importable here")
+        if not scores.is_cuda:
+            from .kernels.launch import kernels_interpreted
+
+            if not kernels_interpreted():
+                raise ValueError(f"backend='triton' needs CUDA tensors, got device {scores.device}; on CPU set "
+                                 "TRITON_INTERPRET=1 before importing triton_sort, or use backend='torch'")
+    return backend
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _as_batch(scores: Tensor) -> Tensor:
+    return scores if scores.dim() == 2 else scores.unsqueeze(0)
+
+
+def relaxed_sort_apply(scores: Tensor, x: Tensor, tau: float | Tensor, *, descending: bool = True,
+                       hard: bool = False, backend: Backend = "auto") -> Tensor:
+    """NeuralSort's relaxed sort applied to values, ``P_hat @ x``, without materialising ``P_hat``.
+
+    ``P_hat[i, :] = softmax(((n + 1 - 2i) * s - A_s 1) / tau)`` with ``A_s[j, k] = |s_j - s_k|``: row i (output
+    rank i) peaks at the i-th largest score (``descending=False``: the i-th smallest).
+
+    Args:
+        scores: ``(n,)`` or ``(B, n)``.
+        x: ``(n,)`` or ``(n, d)`` for 1-D scores; ``(B, n)`` or ``(B, n, d)`` for 2-D scores; same dtype and
+            device as ``scores``.
+        tau: temperature > 0; ``P_hat`` tends to the sorting permutation as ``tau -> 0``.
+        hard: straight-through: the value is ``x`` in exact sorted order (stable for ties), the gradient the
+            relaxed one.
+        backend: ``"auto"`` (Triton for CUDA tensors, PyTorch otherwise), ``"triton"`` or ``"torch"``.
+
+    Returns:
+        A tensor of ``x``'s shape, differentiable with respect to ``scores`` and ``x``. Extra memory is
+        O(B * n * d) in both passes (the backward recomputes ``P_hat`` tile by tile).
+    """
+    tau = check_tau(tau)
+    scores = _check_scores(scores)
+    _check_flag("descending", descending)
+    _check_flag("hard", hard)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != scores.dtype:
+        raise TypeError(f"x must have the dtype of scores ({scores.dtype}), got {x.dtype}")
+    if x.device != scores.device:
+        raise ValueError(f"x must be on the device of scores ({scores.device}), got {x.device}")
+    leading = scores.dim()
+    if x.dim() not in (leading, leading + 1) or tuple(x.shape[:leading]) != tuple(scores.shape):
+        expected = "(n,) or (n, d)" if leading == 1 else "(B, n) or (B, n, d)"
+        raise ValueError(f"x must have shape {expected} matching scores {tuple(scores.shape)}, "
+                         f"got {tuple(x.shape)}")
+    backend = _resolve_backend(backend, scores)
+    values = x if x.dim() == leading + 1 else x.unsqueeze(-1)
+    values = values if leading == 2 else values.unsqueeze(0)
+    out = torch.ops.triton_sort.apply(_as_batch(scores), values, tau, descending, hard, backend)[0]
+    return out.reshape(x.shape)
+
+
+def relaxed_sort_matrix(scores: Tensor, tau: float | Tensor, *, descending: bool = True, hard: bool = False,
+                        backend: Backend = "auto") -> Tensor:
+    """NeuralSort's relaxed permutation matrix ``P_hat``, ``(n, n)`` or ``(B, n, n)`` for scores ``(n,)``/``(B, n)``.
+
+    Row i is a softmax peaking at the i-th largest score (``descending=False``: smallest); rows sum to 1.
+    ``hard=True`` returns the exact permutation matrix (stable for ties) with the relaxed gradient.
+    Differentiable with respect to ``scores``. Prefer :func:`relaxed_sort_apply` when only ``P_hat @ x`` is
+    needed: it never allocates ``n x n``.
+    """
+    tau = check_tau(tau)
+    scores = _check_scores(scores)
+    _check_flag("descending", descending)
+    _check_flag("hard", hard)
+    backend = _resolve_backend(backend, scores)
+    out = torch.ops.triton_sort.matrix(_as_batch(scores), tau, descending, hard, backend)
+    return out if scores.dim() == 2 else out.squeeze(0)
