@@ -82,7 +82,8 @@ def matrix_forward_kernel(
         col_mask = cols < n
         s2 = tl.load(S2 + cols, mask=col_mask, other=0.0)
         b2 = tl.load(B2 + cols, mask=col_mask, other=0.0)
-        p = tl.math.exp2(_logits_tile(c, s2, b2) - lse[:, None])
+        qk = tl.where(col_mask[None, :], _logits_tile(c, s2, b2), float("-inf"))
+        p = tl.math.exp2(qk - lse[:, None])
         offsets = rows[:, None] * n + cols[None, :]
         tl.store(P + offsets, p.to(P.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
@@ -173,8 +174,9 @@ def apply_backward_kernel(
         c = _row_coefficients(rows, n, sign)
         lse = tl.load(LSE + rows, mask=row_mask, other=float("inf"))
         delta = tl.load(DELTA + rows, mask=row_mask, other=0.0)
-        p = tl.math.exp2(_logits_tile(c, s2, b2) - lse[:, None])
-        p = tl.where(row_mask[:, None] & col_mask[None, :], p, 0.0)
+        # Masked rows have lse = +inf and masked columns logit -inf: both give exactly 0 without overflow.
+        qk = tl.where(col_mask[None, :], _logits_tile(c, s2, b2), float("-inf"))
+        p = tl.math.exp2(qk - lse[:, None])
         g_own = tl.load(G + rows[:, None] * d + own_dims[None, :],
                         mask=row_mask[:, None] & own_dim_mask[None, :], other=0.0).to(tl.float32)
         # gx_ij = g_i . x_j over all of d (the other chunks are reloaded only when d spans several programs).

@@ -1,0 +1,30 @@
+"""Shared test fixtures: float64 dense reference, per-dtype tolerances, backends to test.
+
+Without a GPU the Triton kernels run in Triton's CPU interpreter, which must be switched on before the kernels are
+defined, so before anything imports triton_sort.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton_sort  # noqa: E402,F401
+
+from reference import BACKENDS  # noqa: E402
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+

@@ -1,0 +1,64 @@
+"""Float64 dense reference, per-dtype tolerances and comparison helpers shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ("torch", "triton")
+
+# Relative error (norm of the difference over the norm of the reference) allowed per input dtype, on top of the
+# fp32 rounding of logits of size n * spread / tau (see ``tolerance``). Stated once, used everywhere.
+BASE_TOLERANCE = {
+    torch.float64: 1e-10,
+    torch.float32: 2e-5,
+    torch.float16: 4e-3,
+    torch.bfloat16: 3e-2,
+}
+DTYPES = tuple(BASE_TOLERANCE)
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def dense_reference(scores: torch.Tensor, tau: float, descending: bool = True) -> torch.Tensor:
+    """The paper's formula, verbatim and in float64: P_hat (..., n, n) with an explicit n x n |s_j - s_k|."""
+    s = scores.to(torch.float64)
+    n = s.shape[-1]
+    i = torch.arange(1, n + 1, dtype=torch.float64, device=s.device)
+    c = n + 1 - 2 * i
+    if not descending:
+        c = -c
+    a_s = (s[..., :, None] - s[..., None, :]).abs()
+    logits = c[:, None] * s[..., None, :] - a_s.sum(-1)[..., None, :]
+    return torch.softmax(logits / tau, dim=-1)
+
+
+def tolerance(dtype: torch.dtype, scores: torch.Tensor, tau: float) -> float:
+    """fp32 computes logits of size n * spread / tau whose rounding no later step can undo (the exact, centred
+    evaluation is the subject of its own issue); float64 gets the same term at its own epsilon."""
+    n = scores.shape[-1]
+    spread = float(scores.max() - scores.min()) if scores.numel() else 0.0
+    eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    return BASE_TOLERANCE[dtype] + 2 * n * spread / tau * eps
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) -> float:
+    """||actual - expected|| / max(||expected||, floor), in float64.
+
+    ``floor`` is the natural size of a quantity that can be small by cancellation (see ``scores_grad_floor``)."""
+    expected = expected.detach().to(torch.float64)
+    diff = float((actual.detach().to(torch.float64) - expected).norm())
+    scale = max(float(expected.norm()), floor)
+    return diff / scale if scale > 0 else diff
+
+
+def scores_grad_floor(grad_out: torch.Tensor, x: torch.Tensor, tau: float) -> float:
+    """Size of the terms whose differences make up d_scores: P_ij (g_i . x_j - Delta_i) c / tau. When P_hat is
+    nearly a permutation those differences, and so the gradient, are tiny next to the terms."""
+    n = max(1, x.shape[0] if x.dim() == 1 else x.shape[-2] if x.dim() == 3 else x.shape[-1])
+    return float(grad_out.norm() * x.norm()) / (tau * n**0.5)
+
+
+def backend_available(backend: str, dtype: torch.dtype) -> bool:
+    return not (backend == "triton" and dtype == torch.float64)
+
+
