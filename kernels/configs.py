@@ -66,6 +66,5 @@ def gpu_heuristic_config(kernel: str, block_d: int = 1) -> KernelConfig:
 
 
 def candidate_configs(kernel: str, block_d: int = 1) -> list[KernelConfig]:
-    """Every configuration the package may launch for ``kernel`` at this ``block_d``."""
-    configs = {gpu_heuristic_config(kernel, block_d), _INTERPRETER_CONFIG}
-    return sorted(configs, key=lambda cfg: tuple(asdict(cfg).values()))
+    """Every configuration the package may launch on a GPU for ``kernel`` at this ``block_d``."""
+    return [gpu_heuristic_config(kernel, block_d)]

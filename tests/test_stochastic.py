@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
+from reference import dense_reference
 
 from triton_sort.stochastic import PlackettLuce, permutation, reinforce_loss
 
@@ -18,20 +20,7 @@ from triton_sort.stochastic import PlackettLuce, permutation, reinforce_loss
 CHI_SQUARE_CRITICAL_P1E3 = {5: 20.515, 23: 49.728}
 NUM_DRAWS = 100_000
 
-
-def _dense_reference(scores: torch.Tensor, tau: float, hard: bool = False) -> torch.Tensor:
-    """NeuralSort in float64 straight from the paper's formula: (..., n) -> (..., n, n), descending."""
-    scores = scores.double()
-    n = scores.shape[-1]
-    abs_differences_sum = (scores.unsqueeze(-1) - scores.unsqueeze(-2)).abs().sum(-1)
-    row_factors = n + 1 - 2 * torch.arange(1, n + 1, dtype=torch.float64)
-    row_logits = (row_factors[:, None] * scores.unsqueeze(-2) - abs_differences_sum.unsqueeze(-2)) / tau
-    relaxed = torch.softmax(row_logits, dim=-1)
-    if not hard:
-        return relaxed
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    exact = torch.nn.functional.one_hot(order, n).to(relaxed.dtype)
-    return exact - relaxed.detach() + relaxed
+PermutationObjective = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _all_permutations(n: int) -> torch.Tensor:
@@ -62,12 +51,12 @@ def _chi_square(counts: torch.Tensor, probabilities: torch.Tensor) -> float:
     return float(((counts - expected) ** 2 / expected).sum())
 
 
-def _weighted_sort_objective(item_values: torch.Tensor, place_weights: torch.Tensor):
+def _weighted_sort_objective(item_values: torch.Tensor, place_weights: torch.Tensor) -> PermutationObjective:
     """f(z) = sum_i w_i v_{z_i}: the objective on exact permutations z of shape (..., n)."""
     return lambda perm: (item_values[perm] * place_weights).sum(-1)
 
 
-def _exact_expectation_gradient(logits: torch.Tensor, objective) -> torch.Tensor:
+def _exact_expectation_gradient(logits: torch.Tensor, objective: PermutationObjective) -> torch.Tensor:
     """Gradient of E_{z ~ PL(logits)}[f(z)] by summing over all n! permutations."""
     logits = logits.detach().clone().requires_grad_(True)
     table = _all_permutations(logits.shape[-1])
@@ -76,7 +65,9 @@ def _exact_expectation_gradient(logits: torch.Tensor, objective) -> torch.Tensor
     return gradient
 
 
-def _per_row_estimates(base_logits: torch.Tensor, num_rows: int, estimate_fn) -> torch.Tensor:
+def _per_row_estimates(
+    base_logits: torch.Tensor, num_rows: int, estimate_fn: Callable[[PlackettLuce], torch.Tensor]
+) -> torch.Tensor:
     """Runs ``estimate_fn(dist)`` (a loss averaged over batch rows) on ``num_rows`` copies of the logits.
 
     Every row gets independent noise, so the rows of the returned gradient (num_rows, n) are independent
@@ -140,7 +131,7 @@ def test_generator_and_manual_seed_reproducibility() -> None:
 
     global_state = torch.get_rng_state()
     relaxed = dist.rsample((2,), tau=0.3, generator=torch.Generator().manual_seed(11))
-    assert torch.equal(torch.get_rng_state(), global_state), "an explicit generator must not touch the global RNG"
+    assert torch.equal(torch.get_rng_state(), global_state), "a generator must not touch the global RNG"
     assert torch.equal(relaxed, dist.rsample((2,), tau=0.3, generator=torch.Generator().manual_seed(11)))
 
     torch.manual_seed(5)
@@ -230,15 +221,15 @@ def test_distribution_properties_and_expand() -> None:
 @pytest.mark.parametrize("batch_shape", [(), (4,), (2, 3)])
 def test_rsample_shapes_and_values_match_dense_reference(sample_shape: tuple, batch_shape: tuple) -> None:
     n, d = 5, 2
-    logits = torch.randn(batch_shape + (n,), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    logits = torch.randn((*batch_shape, n), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     dist = PlackettLuce(logits)
     relaxed = dist.rsample(sample_shape, tau=0.4, generator=torch.Generator().manual_seed(1))
     assert relaxed.shape == sample_shape + batch_shape + (n, n)
     scores = dist.perturbed_logits(sample_shape, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(relaxed, _dense_reference(scores, 0.4))
+    torch.testing.assert_close(relaxed, dense_reference(scores, 0.4))
 
-    for x in (torch.randn(batch_shape + (n,), dtype=torch.float64),
-              torch.randn(batch_shape + (n, d), dtype=torch.float64)):
+    for x in (torch.randn((*batch_shape, n), dtype=torch.float64),
+              torch.randn((*batch_shape, n, d), dtype=torch.float64)):
         applied = dist.rsample_apply(x, tau=0.4, sample_shape=sample_shape,
                                      generator=torch.Generator().manual_seed(1))
         assert applied.shape == sample_shape + x.shape
@@ -291,7 +282,8 @@ def test_hard_rsample_has_the_relaxed_gradient() -> None:
 
     def gradient(hard: bool) -> torch.Tensor:
         logits = base_logits.clone().requires_grad_(True)
-        relaxed = PlackettLuce(logits).rsample((3,), 0.5, hard=hard, generator=torch.Generator().manual_seed(2))
+        generator = torch.Generator().manual_seed(2)
+        relaxed = PlackettLuce(logits).rsample((3,), 0.5, hard=hard, generator=generator)
         return torch.autograd.grad((relaxed * weights).sum(), logits)[0]
 
     torch.testing.assert_close(gradient(True), gradient(False))
@@ -302,7 +294,7 @@ def test_rsample_gradcheck_with_fixed_noise() -> None:
     x = torch.randn(2, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
 
     def relaxed_matrices(logits: torch.Tensor) -> torch.Tensor:
-        # A fresh generator with a fixed seed: every call sees the same noise, so this is a deterministic function.
+        # A fresh generator with a fixed seed: every call sees the same noise, so this is deterministic.
         return PlackettLuce(logits).rsample((2,), tau=0.7, generator=torch.Generator().manual_seed(5))
 
     def relaxed_apply(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -314,14 +306,15 @@ def test_rsample_gradcheck_with_fixed_noise() -> None:
 
 def test_low_temperature_reparameterised_gradient_approaches_exact_gradient() -> None:
     # f(sort) is piecewise constant, but E_g[f_tau(logits + g)] -> E[f(z)] as tau -> 0, so the pathwise
-    # gradient at small tau estimates the exact gradient, with a small relaxation bias.
+    # gradient at small tau estimates the exact gradient; at tau = 0.05 its relaxation bias is below the
+    # Monte-Carlo error of 20,000 samples (measured over several seeds).
     base_logits = torch.tensor([0.6, -0.2, 0.1, -0.5], dtype=torch.float64)
     item_values = torch.tensor([1.0, -0.5, 2.0, 0.3], dtype=torch.float64)
     place_weights = torch.tensor([3.0, 1.0, -1.0, -2.0], dtype=torch.float64)
     exact = _exact_expectation_gradient(base_logits, _weighted_sort_objective(item_values, place_weights))
 
     def relaxed_objective(dist: PlackettLuce) -> torch.Tensor:
-        values = item_values.expand(dist.batch_shape + (4,))
+        values = item_values.expand((*dist.batch_shape, 4))
         sorted_values = dist.rsample_apply(values, tau=0.05, generator=torch.Generator().manual_seed(0))
         return (sorted_values * place_weights).sum(-1).mean()
 
@@ -340,7 +333,8 @@ def test_reinforce_gradient_matches_exact_enumeration(baseline: str | None) -> N
     exact = _exact_expectation_gradient(base_logits, objective)
 
     def surrogate(dist: PlackettLuce) -> torch.Tensor:
-        return reinforce_loss(dist, objective, 4, baseline=baseline, generator=torch.Generator().manual_seed(0))[0]
+        generator = torch.Generator().manual_seed(0)
+        return reinforce_loss(dist, objective, 4, baseline=baseline, generator=generator)[0]
 
     _assert_within_standard_errors(_per_row_estimates(base_logits, 5_000, surrogate), exact, num_errors=4.0)
 

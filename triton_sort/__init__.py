@@ -3,7 +3,15 @@
 from . import ops  # noqa: F401  (registers the torch.ops.triton_sort custom ops)
 from .api import relaxed_sort_apply, relaxed_sort_matrix
 from .modules import NeuralSort
+from .stochastic import PlackettLuce, reinforce_loss
 
 __version__ = "0.1.0"
 
-__all__ = ["NeuralSort", "relaxed_sort_apply", "relaxed_sort_matrix", "__version__"]
+__all__ = [
+    "NeuralSort",
+    "PlackettLuce",
+    "__version__",
+    "reinforce_loss",
+    "relaxed_sort_apply",
+    "relaxed_sort_matrix",
+]

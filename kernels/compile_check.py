@@ -1,0 +1,109 @@
+"""Compile every kernel with every launch configuration for CUDA targets, without a GPU.
+
+``python -m triton_sort.kernels.compile_check [--arch 80 90]`` runs ``triton.compile`` down to a cubin for each
+(kernel, configuration, block_d, dtype) the package may launch, so code that only the interpreter accepts fails
+here. Must run without ``TRITON_INTERPRET=1`` (interpreted kernels cannot be compiled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from .configs import BLOCK_D_CHOICES, MAX_BLOCK_D, KernelConfig, candidate_configs
+from .launch import dot_precision
+from .neuralsort import apply_backward_kernel, apply_forward_kernel, matrix_forward_kernel
+
+VALUE_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclass
+class CompileJob:
+    kernel: str
+    config: KernelConfig
+    dtype: torch.dtype
+    block_d: int = 1
+    single_d_chunk: bool = True
+
+    def source(self) -> ASTSource:
+        value = "*" + VALUE_DTYPES[self.dtype]
+        f32 = "*fp32"
+        tiles = {"BLOCK_M": self.config.block_m, "BLOCK_N": self.config.block_n}
+        if self.kernel == "matrix_forward":
+            signature = {"S2": f32, "B2": f32, "P": value, "n": "i32", "sign": "fp32"}
+            return _source(matrix_forward_kernel, signature, tiles)
+        constants = {**tiles, "BLOCK_D": self.block_d, "DOT_PRECISION": dot_precision(self.dtype)}
+        if self.kernel == "apply_forward":
+            signature = {"S2": f32, "B2": f32, "X": value, "OUT": value, "LSE": f32, "n": "i32", "d": "i32",
+                         "sign": "fp32"}
+            return _source(apply_forward_kernel, signature, constants)
+        signature = {"S2": f32, "B2": f32, "CNT": f32, "X": value, "G": value, "LSE": f32, "DELTA": f32,
+                     "DX": value, "U": f32, "R": f32, "n": "i32", "d": "i32", "sign": "fp32"}
+        return _source(apply_backward_kernel, signature, {**constants, "SINGLE_D_CHUNK": self.single_d_chunk})
+
+    def describe(self) -> dict:
+        return {"kernel": self.kernel, **self.config.as_dict(), "block_d": self.block_d,
+                "dtype": VALUE_DTYPES[self.dtype], "single_d_chunk": self.single_d_chunk}
+
+
+def _source(fn, signature: dict[str, str], constants: dict) -> ASTSource:
+    return ASTSource(fn=fn, signature={**signature, **dict.fromkeys(constants, "constexpr")}, constexprs=constants)
+
+
+def all_jobs() -> Iterator[CompileJob]:
+    """Every (kernel, configuration, block_d, dtype) combination the launchers can produce."""
+    for dtype in VALUE_DTYPES:
+        for config in candidate_configs("matrix_forward"):
+            yield CompileJob("matrix_forward", config, dtype)
+        for block_d in BLOCK_D_CHOICES:
+            for kernel in ("apply_forward", "apply_backward"):
+                for config in candidate_configs(kernel, block_d):
+                    yield CompileJob(kernel, config, dtype, block_d)
+            for config in candidate_configs("apply_backward", block_d):
+                if block_d == MAX_BLOCK_D:  # d > MAX_BLOCK_D: the backward loops over d chunks
+                    yield CompileJob("apply_backward", config, dtype, block_d, single_d_chunk=False)
+
+
+def compile_job(job: CompileJob, arch: int) -> dict:
+    start = time.perf_counter()
+    compiled = triton.compile(job.source(), target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": job.config.num_warps, "num_stages": job.config.num_stages})
+    return {**job.describe(), "arch": arch, "shared_bytes": compiled.metadata.shared,
+            "cubin_bytes": len(compiled.asm.get("cubin", b"")), "seconds": round(time.perf_counter() - start, 3)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="CUDA compute capabilities")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per compiled kernel")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel compiler processes")
+    args = parser.parse_args(argv)
+    work = [(job, arch) for arch in args.arch for job in all_jobs()]
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        results = list(pool.map(_compile_or_report, work))
+    for result in results:
+        print(json.dumps(result) if args.json else result, flush=True)
+    return 1 if any("error" in result for result in results) else 0
+
+
+def _compile_or_report(item: tuple[CompileJob, int]) -> dict:
+    job, arch = item
+    try:
+        return compile_job(job, arch)
+    except Exception as exc:  # report every failing configuration, not just the first
+        return {**job.describe(), "arch": arch, "error": f"{type(exc).__name__}: {exc}"}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
