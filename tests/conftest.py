@@ -14,9 +14,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import triton_sort  # noqa: E402,F401
+from reference import BACKENDS
 
-from reference import BACKENDS  # noqa: E402
+import triton_sort  # noqa: F401
 
 
 @pytest.fixture(params=BACKENDS)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from triton_sort.reference import dense_sort_matrix
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ("torch", "triton")
 
@@ -20,16 +22,8 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def dense_reference(scores: torch.Tensor, tau: float, descending: bool = True) -> torch.Tensor:
-    """The paper's formula, verbatim and in float64: P_hat (..., n, n) with an explicit n x n |s_j - s_k|."""
-    s = scores.to(torch.float64)
-    n = s.shape[-1]
-    i = torch.arange(1, n + 1, dtype=torch.float64, device=s.device)
-    c = n + 1 - 2 * i
-    if not descending:
-        c = -c
-    a_s = (s[..., :, None] - s[..., None, :]).abs()
-    logits = c[:, None] * s[..., None, :] - a_s.sum(-1)[..., None, :]
-    return torch.softmax(logits / tau, dim=-1)
+    """The paper's formula, verbatim and in float64 (``triton_sort.reference``): P_hat (..., n, n)."""
+    return dense_sort_matrix(scores.to(torch.float64), tau, descending)
 
 
 def tolerance(dtype: torch.dtype, scores: torch.Tensor, tau: float) -> float:

@@ -31,7 +31,7 @@ def test_gradcheck_apply(n, descending, hard):
         # The straight-through value is piecewise constant; its gradient is the relaxed one by definition.
         soft = torch.autograd.grad(relaxed_sort_apply(scores, x, 0.05, descending=descending).sum(), (scores, x))
         st = torch.autograd.grad(fn(scores, x).sum(), (scores, x))
-        for a, b in zip(soft, st):
+        for a, b in zip(soft, st, strict=True):
             torch.testing.assert_close(a, b)
     else:
         assert torch.autograd.gradcheck(fn, (scores, x))

@@ -65,7 +65,7 @@ def test_compile_fullgraph(backend, hard):
         value = fn(s, v)
         value.backward()
         grads.append((value.detach(), s.grad, v.grad))
-    for eager, traced in zip(*grads):
+    for eager, traced in zip(*grads, strict=True):
         torch.testing.assert_close(traced, eager)
 
 

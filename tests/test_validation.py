@@ -53,7 +53,7 @@ def test_unsupported_score_dtypes(dtype):
 def test_scores_must_be_a_tensor():
     with pytest.raises(TypeError, match="scores"):
         relaxed_sort_matrix([1.0, 2.0], 1.0)
-    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"x must be a torch\.Tensor"):
         relaxed_sort_apply(torch.randn(3), [1.0, 2.0, 3.0], 1.0)
 
 

@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from . import ops
+from . import ops  # noqa: F401  (registers torch.ops.triton_sort before use)
 
 Backend = Literal["auto", "torch", "triton"]
 

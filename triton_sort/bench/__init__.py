@@ -1,0 +1,1 @@
+"""Benchmarks and measurement helpers (speed, peak memory) behind the ``triton-sort`` command."""
