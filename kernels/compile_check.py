@@ -38,18 +38,20 @@ class CompileJob:
 
     def source(self) -> ASTSource:
         value = "*" + VALUE_DTYPES[self.dtype]
-        f32 = "*fp32"
+        f32, f64, i32 = "*fp32", "*fp64", "*i32"
+        sorted_terms = {"T": f64, "W": f64, "LOWER": i32, "UPPER": i32}
         tiles = {"BLOCK_M": self.config.block_m, "BLOCK_N": self.config.block_n}
         if self.kernel == "matrix_forward":
-            signature = {"S2": f32, "B2": f32, "P": value, "n": "i32", "sign": "fp32"}
+            signature = {**sorted_terms, "ORDER": i32, "OUT_ROW": i32, "P": value, "n": "i32", "SCALE": f64}
             return _source(matrix_forward_kernel, signature, tiles)
         constants = {**tiles, "BLOCK_D": self.block_d, "DOT_PRECISION": dot_precision(self.dtype)}
         if self.kernel == "apply_forward":
-            signature = {"S2": f32, "B2": f32, "X": value, "OUT": value, "LSE": f32, "n": "i32", "d": "i32",
-                         "sign": "fp32"}
+            signature = {**sorted_terms, "X": value, "OUT": value, "LOG_NORM": f32, "n": "i32", "d": "i32",
+                         "SCALE": f64}
             return _source(apply_forward_kernel, signature, constants)
-        signature = {"S2": f32, "B2": f32, "CNT": f32, "X": value, "G": value, "LSE": f32, "DELTA": f32,
-                     "DX": value, "U": f32, "R": f32, "n": "i32", "d": "i32", "sign": "fp32"}
+        signature = {**sorted_terms, "ROW_START": i32, "ROW_END": i32, "CNT": f32, "X": value, "G": value,
+                     "LOG_NORM": f32, "DELTA": f32, "DX": value, "U": f32, "R": f32, "n": "i32", "d": "i32",
+                     "num_col_tiles": "i32", "SCALE": f64}
         return _source(apply_backward_kernel, signature, {**constants, "SINGLE_D_CHUNK": self.single_d_chunk})
 
     def describe(self) -> dict:

@@ -1,4 +1,4 @@
-"""Python launchers of the NeuralSort kernels: shapes in, tensors out, one launch each.
+"""Python launchers of the NeuralSort kernels: shapes in, tensors out, one launch each (sorted coordinates).
 
 Inputs are prepared by ``triton_sort`` (contiguous, fp32 per-column terms, values of shape ``(B, n, d)``).
 """
@@ -23,44 +23,50 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-def matrix_forward(s2: Tensor, b2: Tensor, sign: float, out_dtype: torch.dtype,
-                   config: KernelConfig | None = None) -> Tensor:
-    """Materialised relaxed permutation matrices. s2, b2: (B, n) fp32 -> (B, n, n) of ``out_dtype``."""
-    batch, n = s2.shape
-    out = torch.empty((batch, n, n), device=s2.device, dtype=out_dtype)
+def _scale_tensor(scale: float, device: torch.device) -> Tensor:
+    return torch.tensor([scale], dtype=torch.float64, device=device)
+
+
+def matrix_forward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, order: Tensor, out_row: Tensor, scale: float,
+                   out_dtype: torch.dtype, config: KernelConfig | None = None) -> Tensor:
+    """Relaxed permutation matrices in the caller's coordinates: P[b, out_row[p], order[b, m]] for the window
+    entries, 0 elsewhere. t, w: (B, n) float64 (sorted, prefix sums); lower, upper, order: (B, n) int32."""
+    batch, n = t.shape
+    out = torch.zeros((batch, n, n), device=t.device, dtype=out_dtype)
     if batch == 0 or n == 0:
         return out
     cfg = config or default_config("matrix_forward")
     grid = (triton.cdiv(n, cfg.block_m), batch)
     matrix_forward_kernel[grid](
-        s2, b2, out, n, sign,
+        t, w, lower, upper, order, out_row, out, n, _scale_tensor(scale, t.device),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
 
-def apply_forward(s2: Tensor, b2: Tensor, x: Tensor, sign: float,
+def apply_forward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, x: Tensor, scale: float,
                   config: KernelConfig | None = None) -> tuple[Tensor, Tensor]:
-    """Streaming P_hat @ x. s2, b2: (B, n) fp32; x: (B, n, d) -> (out (B, n, d) in x.dtype, base-2 lse (B, n))."""
+    """Streaming P_hat @ x in sorted coordinates. x: (B, n, d) sorted -> (out (B, n, d), log2 row sums (B, n))."""
     batch, n, d = x.shape
     out = torch.empty_like(x)
-    lse = torch.empty((batch, n), device=x.device, dtype=torch.float32)
+    log_norm = torch.empty((batch, n), device=x.device, dtype=torch.float32)
     if batch == 0 or n == 0 or d == 0:
-        return out, lse
+        return out, log_norm
     block_d = block_d_for(d)
     cfg = config or default_config("apply_forward", block_d)
     grid = (triton.cdiv(n, cfg.block_m), batch, triton.cdiv(d, block_d))
     apply_forward_kernel[grid](
-        s2, b2, x, out, lse, n, d, sign,
+        t, w, lower, upper, x, out, log_norm, n, d, _scale_tensor(scale, x.device),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, DOT_PRECISION=dot_precision(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out, lse
+    return out, log_norm
 
 
-def apply_backward(s2: Tensor, b2: Tensor, count: Tensor, x: Tensor, grad: Tensor, lse: Tensor, delta: Tensor,
-                   sign: float, config: KernelConfig | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Column pass of the backward. Returns (dx (B, n, d) in x.dtype, u (B, n) fp32, r (B, n) fp32)."""
+def apply_backward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, count: Tensor, x: Tensor, grad: Tensor,
+                   log_norm: Tensor, delta: Tensor, scale: float,
+                   config: KernelConfig | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Column pass of the backward in sorted coordinates. Returns (dx (B, n, d), u (B, n) fp32, r (B, n) fp32)."""
     batch, n, d = x.shape
     dx = torch.empty_like(x)
     u = torch.zeros((batch, n), device=x.device, dtype=torch.float32)
@@ -69,9 +75,15 @@ def apply_backward(s2: Tensor, b2: Tensor, count: Tensor, x: Tensor, grad: Tenso
         return dx, u, r
     block_d = block_d_for(d)
     cfg = config or default_config("apply_backward", block_d)
-    grid = (triton.cdiv(n, cfg.block_n), batch, triton.cdiv(d, block_d))
+    # Rows whose windows reach column tile [m0, m1]: R_p >= m0 and L_p <= m1 (both non-decreasing in p).
+    tile_first = torch.arange(0, n, cfg.block_n, device=x.device, dtype=lower.dtype).expand(batch, -1)
+    tile_last = (tile_first + cfg.block_n - 1).clamp_(max=n - 1)
+    row_start = torch.searchsorted(upper, tile_first.contiguous()).to(torch.int32)
+    row_end = torch.searchsorted(lower, tile_last.contiguous(), right=True).to(torch.int32)
+    grid = (tile_first.shape[1], batch, triton.cdiv(d, block_d))
     apply_backward_kernel[grid](
-        s2, b2, count, x, grad, lse, delta, dx, u, r, n, d, sign,
+        t, w, lower, upper, row_start, row_end, count, x, grad, log_norm, delta, dx, u, r, n, d,
+        tile_first.shape[1], _scale_tensor(scale, x.device),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, DOT_PRECISION=dot_precision(x.dtype),
         SINGLE_D_CHUNK=d <= block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

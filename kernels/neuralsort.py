@@ -1,15 +1,23 @@
 """Triton kernels for NeuralSort (installed as ``triton_sort.kernels.neuralsort``).
 
-Row ``i`` of the relaxed permutation matrix is a softmax over columns ``j`` of base-2 logits
-``c_i * s2_j - b2_j`` where ``s2 = (s - median) * log2(e) / tau`` and ``b2 = b * log2(e) / tau`` are prepared in
-float64 and rounded once to fp32 (``triton_sort._columns``) and ``c_i = sign * (n - 1 - 2 i)`` is computed in the
-kernel. This is attention with a scalar query ``c_i``, a scalar key ``s2_j`` and a per-column bias ``b2_j``, so the
-kernels follow Triton's fused-attention tutorial: online softmax in base 2, only the row log-sum-exp is stored, and
-the backward pass recomputes tiles and uses ``Delta_i = g_i . y_i`` (FlashAttention-2).
+All kernels work in sorted coordinates (see ``triton_sort/_columns.py``): row ``p`` of ``P_hat`` weighs sorted
+column ``m`` by ``exp(-D_p(m) / tau)``, ``D_p(m) = (2p - 1)(t_p - t_m) - 2 (W_p - W_m) >= 0`` with float64 sorted
+scores ``t`` and prefix sums ``W``. Its maximum is exactly 1 at ``m = p``, so the softmax needs no running max: the
+forward accumulates the row sum ``l_p >= 1`` and stores only ``log2(l_p)``; the backward recomputes tiles from it
+and from ``Delta_p = g_p . y_p`` (FlashAttention-2). This is attention with a scalar query and key in disguise, but
+the logits are never formed as ``c_p t_m - b_m`` (size ``n |s| / tau``): the drop is computed in float64 from a
+tile anchor ``b`` (the tile's first column) as
 
-All offsets that can exceed 2^31 (``B * n * n`` of the matrix, ``B * n * d`` of the values) are int64.
-Accumulation is always fp32; values of fp16/bf16 are upcast on load (the interpreter's bf16 ``tl.dot`` is wrong,
-and fp32 ``tl.dot`` with ``input_precision="tf32x3"`` keeps fp32 accuracy on tensor cores).
+    D_p(m) = D_p(b) + (2(b - p) + 1) (t_m - t_b) + 2 V_m,   V_m = (W_m - W_b) - b (t_m - t_b),
+
+two float64 operations per element (the per-row and per-column terms are computed once per tile), then rounded to
+fp32 for ``exp2``: fp32 results stay exact to float64 precision at any n.
+
+Each row only visits the columns of its window ``[L_p, R_p]`` (``LOWER``/``UPPER``), where ``D_p <= T * tau``; the
+rest of a tile is masked. Full windows give the dense evaluation, with the same code.
+
+Offsets that can exceed 2^31 (``B * n * n``, ``B * n * d``) are int64. Accumulation is fp32; fp16/bf16 values are
+upcast on load (the interpreter's bf16 ``tl.dot`` is wrong), and fp32 ``tl.dot`` uses 3xTF32 for fp32 accuracy.
 """
 
 from __future__ import annotations
@@ -19,25 +27,19 @@ import triton.language as tl
 
 
 @triton.jit
-def _logits_tile(c, s2, b2):
-    """Base-2 logits of a (BLOCK_M, BLOCK_N) tile from row coefficients c and column keys/biases s2, b2."""
-    return c[:, None] * s2[None, :] - b2[None, :]
+def _column_anchor(t_m, w_m, b, t_b, w_b):
+    """Per-column terms of a tile anchored at column b: (t_m - t_b, 2 V_m), float64."""
+    offset = t_m - t_b
+    return offset, 2.0 * (w_m - w_b) - offset * (2 * b)
 
 
 @triton.jit
-def _row_coefficients(rows, n, sign):
-    """c_i = sign * (n - 1 - 2 i), exact in fp32 for n < 2^24."""
-    return sign * (n - 1 - 2 * rows).to(tl.float32)
-
-
-@triton.jit
-def _online_softmax_step(m_i, l_i, qk):
-    """One column tile of the online softmax: returns the new running max, rescale factor, tile weights and sum."""
-    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(qk - m_new[:, None])
-    l_new = l_i * alpha + tl.sum(p, axis=1)
-    return m_new, alpha, p, l_new
+def _scaled_logits(rows, t_p, w_p, b, t_b, w_b, offset, twice_v, inside, scale):
+    """-D_p(m) * scale as fp32 (BLOCK_M, BLOCK_N); -inf outside each row's window. scale = log2(e) / tau (float64)."""
+    drop_at_anchor = (2 * rows - 1).to(tl.float64) * (t_p - t_b) - 2.0 * (w_p - w_b)
+    slope = (2 * (b - rows) + 1).to(tl.float64)
+    drop = drop_at_anchor[:, None] + slope[:, None] * offset[None, :] + twice_v[None, :]
+    return tl.where(inside, (-scale * drop).to(tl.float32), float("-inf"))
 
 
 @triton.jit
@@ -50,136 +52,174 @@ def _tile_matmul(p, x, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(T, W, LOWER, UPPER, rows, n):
+    """Row quantities of a row tile (rows past n are clamped to the last row and masked by the caller)."""
+    rows_c = tl.minimum(rows, n - 1)
+    return rows_c, tl.load(T + rows_c), tl.load(W + rows_c), tl.load(LOWER + rows_c), tl.load(UPPER + rows_c)
+
+
+@triton.jit
+def _row_sums(T, W, rows, t_p, w_p, lower, upper, col_start, col_end, n, scale,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """l_p = sum over the window of exp(-D_p / tau) (>= 1: the peak contributes exactly 1)."""
+    norm = tl.zeros([BLOCK_M], tl.float32)
+    for start in range(col_start, col_end, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        cols_c = tl.minimum(cols, n - 1)
+        t_b = tl.load(T + start)
+        w_b = tl.load(W + start)
+        offset, twice_v = _column_anchor(tl.load(T + cols_c), tl.load(W + cols_c), start, t_b, w_b)
+        inside = (cols[None, :] >= lower[:, None]) & (cols[None, :] <= upper[:, None])
+        norm += tl.sum(tl.math.exp2(_scaled_logits(rows, t_p, w_p, start, t_b, w_b, offset, twice_v, inside,
+                                                   scale)), axis=1)
+    return norm
+
+
+@triton.jit
 def matrix_forward_kernel(
-    S2, B2, P, n, sign,
+    T, W, LOWER, UPPER, ORDER, OUT_ROW, P, n, SCALE,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """P[b, i, j] = softmax_j(c_i s2_j - b2_j) for one (row block, batch) program. S2, B2: (B, n); P: (B, n, n)."""
+    """Writes the window entries of P[b, OUT_ROW[p], ORDER[m]] = exp(-D_p(m)/tau) / l_p (P is pre-zeroed).
+
+    One program per (row tile, batch). T, W: (B, n) float64; LOWER, UPPER, ORDER: (B, n) int32; OUT_ROW: (n,)."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
+    scale = tl.load(SCALE)  # log2(e) / tau in float64: an fp32 scale would perturb tau by 6e-8
+    T += pid_b * n
+    W += pid_b * n
+    LOWER += pid_b * n
+    UPPER += pid_b * n
+    ORDER += pid_b * n
+    P += pid_b * n * n
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n
-    c = _row_coefficients(rows, n, sign)
-    S2 += pid_b * n
-    B2 += pid_b * n
-    P += pid_b * n * n
-
-    # Pass 1: row max and sum of the block-wise softmax.
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    for start in range(0, n, BLOCK_N):
+    rows_c, t_p, w_p, lower, upper = _load_rows(T, W, LOWER, UPPER, rows, n)
+    col_start = tl.load(LOWER + pid_m * BLOCK_M)
+    col_end = tl.load(UPPER + tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, n - 1)) + 1
+    log_norm = tl.math.log2(_row_sums(T, W, rows_c, t_p, w_p, lower, upper, col_start, col_end, n, scale,
+                                      BLOCK_M, BLOCK_N))
+    out_rows = tl.load(OUT_ROW + rows_c).to(tl.int64)
+    for start in range(col_start, col_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        col_mask = cols < n
-        s2 = tl.load(S2 + cols, mask=col_mask, other=0.0)
-        b2 = tl.load(B2 + cols, mask=col_mask, other=0.0)
-        qk = tl.where(col_mask[None, :], _logits_tile(c, s2, b2), float("-inf"))
-        m_i, _, _, l_i = _online_softmax_step(m_i, l_i, qk)
-    lse = m_i + tl.math.log2(l_i)
-
-    # Pass 2: normalised tiles.
-    for start in range(0, n, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        col_mask = cols < n
-        s2 = tl.load(S2 + cols, mask=col_mask, other=0.0)
-        b2 = tl.load(B2 + cols, mask=col_mask, other=0.0)
-        qk = tl.where(col_mask[None, :], _logits_tile(c, s2, b2), float("-inf"))
-        p = tl.math.exp2(qk - lse[:, None])
-        offsets = rows[:, None] * n + cols[None, :]
-        tl.store(P + offsets, p.to(P.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+        cols_c = tl.minimum(cols, n - 1)
+        t_b = tl.load(T + start)
+        w_b = tl.load(W + start)
+        offset, twice_v = _column_anchor(tl.load(T + cols_c), tl.load(W + cols_c), start, t_b, w_b)
+        inside = (cols[None, :] >= lower[:, None]) & (cols[None, :] <= upper[:, None]) & row_mask[:, None]
+        z = _scaled_logits(rows_c, t_p, w_p, start, t_b, w_b, offset, twice_v, inside, scale)
+        p = tl.math.exp2(z - log_norm[:, None])
+        out_cols = tl.load(ORDER + cols_c).to(tl.int64)
+        tl.store(P + out_rows[:, None] * n + out_cols[None, :], p.to(P.dtype.element_ty), mask=inside)
 
 
 @triton.jit
 def apply_forward_kernel(
-    S2, B2, X, OUT, LSE, n, d, sign,
+    T, W, LOWER, UPPER, X, OUT, LOG_NORM, n, d, SCALE,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """OUT[b, i, :] = sum_j P_ij X[b, j, :] streaming over column tiles; LSE[b, i] = base-2 row log-sum-exp.
+    """OUT[b, p, :] = sum_m P_pm X[b, m, :] over row p's window; LOG_NORM[b, p] = log2(l_p). Sorted coordinates.
 
-    Grid (row blocks, B, d chunks). S2, B2, LSE: (B, n) fp32; X, OUT: (B, n, d).
-    """
+    Grid (row tiles, B, d chunks). T, W: (B, n) float64; LOWER, UPPER: (B, n) int32; X, OUT: (B, n, d)."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
+    scale = tl.load(SCALE)  # log2(e) / tau in float64: an fp32 scale would perturb tau by 6e-8
     pid_d = tl.program_id(2).to(tl.int64)
+    T += pid_b * n
+    W += pid_b * n
+    LOWER += pid_b * n
+    UPPER += pid_b * n
+    X += pid_b * n * d
+    OUT += pid_b * n * d
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n
     dims = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     dim_mask = dims < d
-    c = _row_coefficients(rows, n, sign)
-    S2 += pid_b * n
-    B2 += pid_b * n
-    X += pid_b * n * d
-    OUT += pid_b * n * d
+    rows_c, t_p, w_p, lower, upper = _load_rows(T, W, LOWER, UPPER, rows, n)
+    # Windows move right with p, so the tile's columns span [L of its first row, R of its last row].
+    col_start = tl.load(LOWER + pid_m * BLOCK_M)
+    col_end = tl.load(UPPER + tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, n - 1)) + 1
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    norm = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(0, n, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
-        col_mask = cols < n
-        s2 = tl.load(S2 + cols, mask=col_mask, other=0.0)
-        b2 = tl.load(B2 + cols, mask=col_mask, other=0.0)
-        qk = tl.where(col_mask[None, :], _logits_tile(c, s2, b2), float("-inf"))
-        m_i, alpha, p, l_i = _online_softmax_step(m_i, l_i, qk)
-        x = tl.load(X + cols[:, None] * d + dims[None, :], mask=col_mask[:, None] & dim_mask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _tile_matmul(p, x.to(tl.float32), BLOCK_D, DOT_PRECISION)
+    for start in range(col_start, col_end, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        cols_c = tl.minimum(cols, n - 1)
+        t_b = tl.load(T + start)
+        w_b = tl.load(W + start)
+        offset, twice_v = _column_anchor(tl.load(T + cols_c), tl.load(W + cols_c), start, t_b, w_b)
+        inside = (cols[None, :] >= lower[:, None]) & (cols[None, :] <= upper[:, None])
+        p = tl.math.exp2(_scaled_logits(rows_c, t_p, w_p, start, t_b, w_b, offset, twice_v, inside, scale))
+        norm += tl.sum(p, axis=1)
+        x = tl.load(X + cols_c.to(tl.int64)[:, None] * d + dims[None, :],
+                    mask=(cols < n)[:, None] & dim_mask[None, :], other=0.0)
+        acc += _tile_matmul(p, x.to(tl.float32), BLOCK_D, DOT_PRECISION)
 
-    acc = acc / l_i[:, None]
-    tl.store(OUT + rows[:, None] * d + dims[None, :], acc.to(OUT.dtype.element_ty),
+    acc = acc / norm[:, None]
+    tl.store(OUT + rows.to(tl.int64)[:, None] * d + dims[None, :], acc.to(OUT.dtype.element_ty),
              mask=row_mask[:, None] & dim_mask[None, :])
     if pid_d == 0:
-        tl.store(LSE + pid_b * n + rows, m_i + tl.math.log2(l_i), mask=row_mask)
+        tl.store(LOG_NORM + pid_b * n + rows, tl.math.log2(norm), mask=row_mask)
 
 
 @triton.jit
 def apply_backward_kernel(
-    S2, B2, CNT, X, G, LSE, DELTA, DX, U, R, n, d, sign,
+    T, W, LOWER, UPPER, ROW_START, ROW_END, CNT, X, G, LOG_NORM, DELTA, DX, U, R, n, d, num_col_tiles, SCALE,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SINGLE_D_CHUNK: tl.constexpr,
 ):
-    """Column pass of the backward (as dK/dV in FlashAttention-2), one program per (column block, B, d chunk).
+    """Column pass of the backward (as dK/dV in FlashAttention-2), one program per (column tile, B, d chunk).
 
-    With dz_ij = P_ij (g_i . x_j - Delta_i) it accumulates over all rows i:
-    DX[b, j, :] = sum_i P_ij g_i,  U[b, j] = sum_i (c_i - cnt_j) dz_ij,  R[b, j] = sum_i dz_ij.
-    (c_i - cnt_j is small near row i's peak, which avoids the cancellation of sum_i c_i dz_ij - cnt_j r_j.)
-    CNT, LSE, DELTA, U, R: (B, n) fp32; X, G, DX: (B, n, d).
+    With dz_pm = P_pm (g_p . x_m - Delta_p) it accumulates over the rows whose windows reach the tile
+    (ROW_START..ROW_END - 1, precomputed): DX[b, m] = sum_p P_pm g_p, U[b, m] = sum_p (c_p - cnt_m) dz_pm with
+    c_p = 2p - n + 1 (small near the peak, which avoids cancelling two sums of size n r_m), R[b, m] = sum_p dz_pm.
+    CNT, LOG_NORM, DELTA, U, R: (B, n) fp32; ROW_START, ROW_END: (B, num_col_tiles) int32; X, G, DX: (B, n, d).
     """
     pid_n = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
+    scale = tl.load(SCALE)
     pid_d = tl.program_id(2).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < n
-    own_dims = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    own_dim_mask = own_dims < d
-    S2 += pid_b * n
-    B2 += pid_b * n
+    T += pid_b * n
+    W += pid_b * n
+    LOWER += pid_b * n
+    UPPER += pid_b * n
     CNT += pid_b * n
-    LSE += pid_b * n
+    LOG_NORM += pid_b * n
     DELTA += pid_b * n
     X += pid_b * n * d
     G += pid_b * n * d
     DX += pid_b * n * d
-
-    s2 = tl.load(S2 + cols, mask=col_mask, other=0.0)
-    b2 = tl.load(B2 + cols, mask=col_mask, other=0.0)
-    cnt = tl.load(CNT + cols, mask=col_mask, other=0.0)
-    x_own = tl.load(X + cols[:, None] * d + own_dims[None, :],
+    anchor = pid_n * BLOCK_N
+    cols = anchor + tl.arange(0, BLOCK_N)
+    col_mask = cols < n
+    cols_c = tl.minimum(cols, n - 1)
+    own_dims = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    own_dim_mask = own_dims < d
+    t_b = tl.load(T + anchor)
+    w_b = tl.load(W + anchor)
+    offset, twice_v = _column_anchor(tl.load(T + cols_c), tl.load(W + cols_c), anchor, t_b, w_b)
+    cnt = tl.load(CNT + cols_c)
+    x_own = tl.load(X + cols.to(tl.int64)[:, None] * d + own_dims[None, :],
                     mask=col_mask[:, None] & own_dim_mask[None, :], other=0.0).to(tl.float32)
+    row_start = tl.load(ROW_START + pid_b * num_col_tiles + pid_n)
+    row_end = tl.load(ROW_END + pid_b * num_col_tiles + pid_n)
 
     dx_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     u_acc = tl.zeros([BLOCK_N], tl.float32)
     r_acc = tl.zeros([BLOCK_N], tl.float32)
-    for start in range(0, n, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M).to(tl.int64)
+    for start in range(row_start, row_end, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
         row_mask = rows < n
-        c = _row_coefficients(rows, n, sign)
-        lse = tl.load(LSE + rows, mask=row_mask, other=float("inf"))
-        delta = tl.load(DELTA + rows, mask=row_mask, other=0.0)
-        # Masked rows have lse = +inf and masked columns logit -inf: both give exactly 0 without overflow.
-        qk = tl.where(col_mask[None, :], _logits_tile(c, s2, b2), float("-inf"))
-        p = tl.math.exp2(qk - lse[:, None])
-        g_own = tl.load(G + rows[:, None] * d + own_dims[None, :],
-                        mask=row_mask[:, None] & own_dim_mask[None, :], other=0.0).to(tl.float32)
-        # gx_ij = g_i . x_j over all of d (the other chunks are reloaded only when d spans several programs).
+        rows_c, t_p, w_p, lower, upper = _load_rows(T, W, LOWER, UPPER, rows, n)
+        log_norm = tl.load(LOG_NORM + rows_c)
+        delta = tl.load(DELTA + rows_c)
+        inside = (cols[None, :] >= lower[:, None]) & (cols[None, :] <= upper[:, None]) & row_mask[:, None]
+        z = _scaled_logits(rows_c, t_p, w_p, anchor, t_b, w_b, offset, twice_v, inside, scale)
+        p = tl.math.exp2(z - log_norm[:, None])
+        row_offsets = rows_c.to(tl.int64)[:, None] * d
+        g_own = tl.load(G + row_offsets + own_dims[None, :], mask=row_mask[:, None] & own_dim_mask[None, :],
+                        other=0.0).to(tl.float32)
+        # gx_pm = g_p . x_m over all of d (other chunks are reloaded only when d spans several programs).
         if SINGLE_D_CHUNK:
             if BLOCK_D == 1:
                 gx = tl.sum(g_own, axis=1)[:, None] * tl.sum(x_own, axis=1)[None, :]
@@ -190,17 +230,18 @@ def apply_backward_kernel(
             for d0 in range(0, d, BLOCK_D):
                 dims = d0 + tl.arange(0, BLOCK_D)
                 dim_mask = dims < d
-                g = tl.load(G + rows[:, None] * d + dims[None, :],
-                            mask=row_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
-                x = tl.load(X + cols[:, None] * d + dims[None, :],
+                g = tl.load(G + row_offsets + dims[None, :], mask=row_mask[:, None] & dim_mask[None, :],
+                            other=0.0).to(tl.float32)
+                x = tl.load(X + cols.to(tl.int64)[:, None] * d + dims[None, :],
                             mask=col_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
                 gx += tl.dot(g, tl.trans(x), input_precision=DOT_PRECISION)
         dz = p * (gx - delta[:, None])
-        u_acc += tl.sum((c[:, None] - cnt[None, :]) * dz, axis=0)
+        coefficient = (2 * rows_c - n + 1).to(tl.float32)
+        u_acc += tl.sum((coefficient[:, None] - cnt[None, :]) * dz, axis=0)
         r_acc += tl.sum(dz, axis=0)
         dx_acc += _tile_matmul(tl.trans(p), g_own, BLOCK_D, DOT_PRECISION)
 
-    tl.store(DX + cols[:, None] * d + own_dims[None, :], dx_acc.to(DX.dtype.element_ty),
+    tl.store(DX + cols.to(tl.int64)[:, None] * d + own_dims[None, :], dx_acc.to(DX.dtype.element_ty),
              mask=col_mask[:, None] & own_dim_mask[None, :])
     if pid_d == 0:
         tl.store(U + pid_b * n + cols, u_acc, mask=col_mask)

@@ -16,19 +16,19 @@ def _dtype_for(backend: str) -> torch.dtype:
     return torch.float64 if backend == "torch" else torch.float32
 
 
-@pytest.mark.parametrize("hard", [False, True])
-def test_opcheck_apply(backend, hard):
+@pytest.mark.parametrize(("hard", "banded"), [(False, True), (True, True), (False, False)])
+def test_opcheck_apply(backend, hard, banded):
     dtype = _dtype_for(backend)
     scores = torch.randn(2, 9, dtype=dtype, device=DEVICE, requires_grad=True)
     x = torch.randn(2, 9, 3, dtype=dtype, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(torch.ops.triton_sort.apply.default, (scores, x, 0.5, True, hard, backend),
+    torch.library.opcheck(torch.ops.triton_sort.apply.default, (scores, x, 0.5, True, hard, banded, backend),
                           test_utils=OPCHECK_TESTS)
 
 
-@pytest.mark.parametrize("hard", [False, True])
-def test_opcheck_matrix(backend, hard):
+@pytest.mark.parametrize(("hard", "banded"), [(False, True), (True, True), (False, False)])
+def test_opcheck_matrix(backend, hard, banded):
     scores = torch.randn(2, 9, dtype=_dtype_for(backend), device=DEVICE, requires_grad=True)
-    torch.library.opcheck(torch.ops.triton_sort.matrix.default, (scores, 0.5, False, hard, backend),
+    torch.library.opcheck(torch.ops.triton_sort.matrix.default, (scores, 0.5, False, hard, banded, backend),
                           test_utils=OPCHECK_TESTS)
 
 
@@ -36,11 +36,11 @@ def test_opcheck_backward_ops(backend):
     dtype = _dtype_for(backend)
     scores = torch.randn(2, 9, dtype=dtype, device=DEVICE)
     x = torch.randn(2, 9, 3, dtype=dtype, device=DEVICE)
-    out, _, lse = torch.ops.triton_sort.apply(scores, x, 0.5, True, False, backend)
+    out, _, lse = torch.ops.triton_sort.apply(scores, x, 0.5, True, False, True, backend)
     torch.library.opcheck(torch.ops.triton_sort.apply_backward.default,
-                          (scores, x, torch.randn_like(out), out, lse, 0.5, True, backend),
+                          (scores, x, torch.randn_like(out), out, lse, 0.5, True, True, backend),
                           test_utils=("test_schema", "test_faketensor"))
-    soft = torch.ops.triton_sort.matrix(scores, 0.5, True, False, backend)
+    soft = torch.ops.triton_sort.matrix(scores, 0.5, True, False, True, backend)
     torch.library.opcheck(torch.ops.triton_sort.matrix_backward.default,
                           (scores, torch.randn_like(soft), soft, 0.5, True),
                           test_utils=("test_schema", "test_faketensor"))

@@ -1,72 +1,129 @@
-"""O(n log n) per-column quantities shared by both backends (see shared/design/MATH.md, sections 1 and 4).
+"""O(n log n) preparation shared by both backends: NeuralSort in sorted coordinates (shared/design/MATH.md).
 
-Everything here works on one batch of rows at once: ``scores`` is ``(B, n)``. Nothing is ``n x n``.
+Sort each row of scores ascending, ``t_0 <= ... <= t_{n-1}`` (positions ``m``). The row of ``P_hat`` that peaks
+at sorted position ``p`` has coefficient ``c = 2p - n + 1`` whichever the direction (descending output row
+``i = n - 1 - p``, ascending ``i = p``), and its logits, as a function of the column's sorted position ``m``, are
 
-Row ``i`` (0-based) of NeuralSort has logits ``z_ij = (c_i s_j - b_j) / tau`` with ``c_i = sign * (n - 1 - 2 i)``
-(``sign = +1`` sorts descending, ``-1`` ascending: the ascending matrix is the descending one with its rows
-reversed, and ``c_{n-1-i} = -c_i``) and the column term ``b_j = sum_k |s_j - s_k|``.
+    z_p(m) = z_p(p) - D_p(m) / tau,    D_p(m) = (2p - 1)(t_p - t_m) - 2 (W_p - W_m),    W_m = sum_{q<m} q g_q
+
+with gaps ``g_q = t_{q+1} - t_q``. ``D_p(m) >= 0`` is the drop below the row's peak: a sum of positive terms
+``(2|q - p| +- 1) g_q`` between ``p`` and ``m``, so each row's softmax is ``exp(-D_p / tau) / sum_m exp(-D_p / tau)``
+with its maximum, exactly 1, at ``m = p``. No logit of size ``n * |s| / tau`` is ever formed: this is what keeps
+fp32 results exact to float64 precision at any n. Ties need no special case (zero gaps).
+
+Banding: ``D_p`` grows at least linearly away from ``p`` and is monotone, so the columns with
+``D_p(m) <= T * tau``, ``T = ln(n) + 30``, form one window ``[L_p, R_p]``; every other column weighs less than
+``e^-T`` of the peak, all of them together less than ``n e^-T = e^-30`` of the row's mass. ``L_p`` and ``R_p`` are
+non-decreasing in ``p``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 LOG2_E = 1.4426950408889634
+# Drops beyond ln(n) + BAND_MARGIN (in units of tau) are left out: their total weight is below e^-BAND_MARGIN.
+BAND_MARGIN = 30.0
 
 
-def row_coefficients(n: int, descending: bool, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``c_i = sign * (n - 1 - 2 i)`` for ``i = 0..n-1``; exact in fp32 for n < 2^24. Shape ``(n,)``."""
-    c = (n - 1) - 2 * torch.arange(n, device=device, dtype=torch.float64)
-    return (c if descending else -c).to(dtype)
+def band_threshold(n: int) -> float:
+    """T = ln(n) + 30: columns whose logit is more than T below the row's peak are left out."""
+    return math.log(max(n, 1)) + BAND_MARGIN
 
 
 @dataclass
-class ColumnTerms:
-    """Per-column inputs of the kernels, all ``(B, n)``.
+class SortedTerms:
+    """Everything the kernels need, per batch row, in sorted coordinates. All tensors are ``(B, n)``.
 
-    ``centred`` is ``s - median(s)`` (softmax rows are invariant to a constant shift of the scores, since it
-    adds ``c_i * shift`` to a whole row; centring keeps ``c_i s_j`` small when scores sit far from zero).
-    ``b`` is ``sum_k |s_j - s_k|``; ``order``/``sorted_scores`` the stable ascending sort, used by the
-    sign-weighted sums of the backward pass; ``count`` is ``cnt_j = sum_k sign(s_j - s_k)``.
+    ``t`` (sorted scores minus their median; a shift leaves every row's softmax unchanged) and ``w`` (prefix sums
+    ``W_m``) are float64. ``count`` is ``cnt_m = sum_k sign(t_m - t_k)`` (float64); ``lower``/``upper`` are the
+    inclusive column windows ``[L_p, R_p]`` of each row (int64). ``order`` maps sorted positions to input
+    indices; ``less``/``not_greater`` count scores below / not above each sorted position (for ties).
     """
 
-    centred: Tensor
-    b: Tensor
+    order: Tensor
+    t: Tensor
+    w: Tensor
     count: Tensor
-    sorted_scores: Tensor
-    order: Tensor  # stable ascending argsort, (B, n) int64
-    less: Tensor  # number of k with s_k < s_j, (B, n) int64
-    not_greater: Tensor  # number of k with s_k <= s_j, (B, n) int64
+    less: Tensor
+    not_greater: Tensor
+    lower: Tensor
+    upper: Tensor
+
+    @property
+    def n(self) -> int:
+        return self.t.shape[-1]
 
 
-def column_terms(scores: Tensor) -> ColumnTerms:
-    """Sort once and compute ``b``, ``cnt`` and the centred scores in float64 (ties need no special case).
+def drop(terms: SortedTerms, rows: Tensor, cols: Tensor) -> Tensor:
+    """D_p(m) in float64 for broadcastable index tensors ``rows`` (p) and ``cols`` (m) of shape (B, ...)."""
+    t_p, w_p = _take(terms.t, rows), _take(terms.w, rows)
+    t_m, w_m = _take(terms.t, cols), _take(terms.w, cols)
+    return (2 * rows - 1).to(torch.float64) * (t_p - t_m) - 2 * (w_p - w_m)
 
-    scores: ``(B, n)`` floating tensor, any real dtype. Results are float64 on the scores' device.
-    """
+
+def _take(values: Tensor, index: Tensor) -> Tensor:
+    """values (B, n) gathered at index (B, ...)."""
+    flat = index.flatten(1) if index.dim() > 1 else index
+    return torch.gather(values, 1, flat).reshape(index.shape)
+
+
+def sorted_terms(scores: Tensor, tau: float, banded: bool = True) -> SortedTerms:
+    """Sort once, prefix sums in float64, windows by binary search: O(B n log n). scores: (B, n)."""
     s = scores.detach().to(torch.float64)
-    n = s.shape[-1]
-    sorted_scores, order = torch.sort(s, dim=-1, stable=True)
-    median = sorted_scores[..., n // 2 : n // 2 + 1] if n > 0 else sorted_scores[..., :0]
-    t = sorted_scores - median
-    # b at ascending position m (1-based): (2m - n) t_m + S_n - 2 S_m, S the prefix sums of sorted scores.
-    prefix = torch.cumsum(t, dim=-1)
-    positions = torch.arange(1, n + 1, device=s.device, dtype=torch.float64)
-    b_sorted = (2 * positions - n) * t + prefix[..., -1:] - 2 * prefix
-    b = torch.empty_like(s).scatter_(-1, order, b_sorted)
-    less = torch.searchsorted(sorted_scores, s, right=False)
-    not_greater = torch.searchsorted(sorted_scores, s, right=True)
-    count = (less - (n - not_greater)).to(torch.float64)
-    return ColumnTerms(s - median, b, count, sorted_scores, order, less, not_greater)
+    batch, n = s.shape
+    t, order = torch.sort(s, dim=-1, stable=True)
+    if n:
+        t = t - t[:, n // 2 : n // 2 + 1]
+    positions = torch.arange(n, device=s.device, dtype=torch.float64)
+    gaps = torch.diff(t, dim=-1)
+    w = torch.nn.functional.pad(torch.cumsum(positions[:-1] * gaps, dim=-1), (1, 0)) if n else t.clone()
+    less = torch.searchsorted(t, t, right=False)
+    not_greater = torch.searchsorted(t, t, right=True)
+    count = (less + not_greater - n).to(torch.float64)
+    terms = SortedTerms(order, t, w, count, less, not_greater, lower=less, upper=less)
+    rows = torch.arange(n, device=s.device).expand(batch, n)
+    if banded:
+        terms.lower, terms.upper = _windows(terms, rows, band_threshold(n) * tau)
+    else:
+        terms.lower, terms.upper = torch.zeros_like(rows), torch.full_like(rows, max(n - 1, 0))
+    return terms
 
 
-def signed_sum(terms: ColumnTerms, r: Tensor) -> Tensor:
-    """``q_j = sum_k sign(s_j - s_k) r_k`` by prefix sums over the sorted order. r: ``(B, n)`` -> float64."""
-    sorted_r = torch.gather(r.to(torch.float64), -1, terms.order)
-    prefix = torch.nn.functional.pad(torch.cumsum(sorted_r, dim=-1), (1, 0))
+def _windows(terms: SortedTerms, rows: Tensor, limit: float) -> tuple[Tensor, Tensor]:
+    """Per row p, the first and last column m with D_p(m) <= limit (binary search; D_p is monotone)."""
+    n = terms.n
+    # Leftmost m in [0, p] with D_p(m) <= limit: D_p decreases towards p, where it is 0.
+    lo, hi = torch.zeros_like(rows), rows.clone()
+    for _ in range(max(n, 1).bit_length()):
+        mid = (lo + hi) // 2
+        inside = drop(terms, rows, mid) <= limit
+        hi = torch.where(inside, mid, hi)
+        lo = torch.where(inside, lo, mid + 1)
+    lower = hi
+    # Rightmost m in [p, n - 1] with D_p(m) <= limit.
+    lo, hi = rows.clone(), torch.full_like(rows, max(n - 1, 0))
+    for _ in range(max(n, 1).bit_length()):
+        mid = (lo + hi + 1) // 2
+        inside = drop(terms, rows, mid) <= limit
+        lo = torch.where(inside, mid, lo)
+        hi = torch.where(inside, hi, mid - 1)
+    return lower, lo
+
+
+def signed_sum(terms: SortedTerms, r: Tensor) -> Tensor:
+    """``q_m = sum_k sign(t_m - t_k) r_k`` by prefix sums in sorted order. r: (B, n) sorted -> (B, n) float64."""
+    prefix = torch.nn.functional.pad(torch.cumsum(r.to(torch.float64), dim=-1), (1, 0))
     below = torch.gather(prefix, -1, terms.less)
     above = prefix[..., -1:] - torch.gather(prefix, -1, terms.not_greater)
     return below - above
+
+
+def output_rows(n: int, descending: bool, device: torch.device) -> Tensor:
+    """Sorted position p of the row that output row i shows: n - 1 - i descending, i ascending. (n,)."""
+    rows = torch.arange(n, device=device)
+    return rows.flip(0) if descending else rows
