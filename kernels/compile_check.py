@@ -46,11 +46,11 @@ class CompileJob:
             return _source(matrix_forward_kernel, signature, tiles)
         constants = {**tiles, "BLOCK_D": self.block_d, "DOT_PRECISION": dot_precision(self.dtype)}
         if self.kernel == "apply_forward":
-            signature = {**sorted_terms, "X": value, "OUT": value, "LOG_NORM": f32, "n": "i32", "d": "i32",
-                         "SCALE": f64}
+            signature = {**sorted_terms, "X": value, "OUT": value, "OUT64": f64, "NORM": f64, "n": "i32",
+                         "d": "i32", "SCALE": f64}
             return _source(apply_forward_kernel, signature, constants)
         signature = {**sorted_terms, "ROW_START": i32, "ROW_END": i32, "CNT": f32, "X": value, "G": value,
-                     "LOG_NORM": f32, "DELTA": f32, "DX": value, "U": f32, "R": f32, "n": "i32", "d": "i32",
+                     "NORM": f64, "DELTA": f64, "DX": value, "U": f64, "R": f64, "n": "i32", "d": "i32",
                      "num_col_tiles": "i32", "SCALE": f64}
         return _source(apply_backward_kernel, signature, {**constants, "SINGLE_D_CHUNK": self.single_d_chunk})
 

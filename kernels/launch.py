@@ -9,7 +9,7 @@ import torch
 import triton
 from torch import Tensor
 
-from .configs import KernelConfig, block_d_for, default_config
+from .configs import KernelConfig, block_d_for, launch_config
 from .neuralsort import apply_backward_kernel, apply_forward_kernel, matrix_forward_kernel
 
 
@@ -35,7 +35,7 @@ def matrix_forward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, order: Te
     out = torch.zeros((batch, n, n), device=t.device, dtype=out_dtype)
     if batch == 0 or n == 0:
         return out
-    cfg = config or default_config("matrix_forward")
+    cfg = config or launch_config("matrix_forward", n=n, d=1, dtype=out_dtype, device=t.device)
     grid = (triton.cdiv(n, cfg.block_m), batch)
     matrix_forward_kernel[grid](
         t, w, lower, upper, order, out_row, out, n, _scale_tensor(scale, t.device),
@@ -45,36 +45,39 @@ def matrix_forward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, order: Te
 
 
 def apply_forward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, x: Tensor, scale: float,
-                  config: KernelConfig | None = None) -> tuple[Tensor, Tensor]:
-    """Streaming P_hat @ x in sorted coordinates. x: (B, n, d) sorted -> (out (B, n, d), log2 row sums (B, n))."""
+                  config: KernelConfig | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Streaming P_hat @ x in sorted coordinates. x: (B, n, d) sorted ->
+    (out (B, n, d) in x.dtype, out (B, n, d) in float64, row sums (B, n) float64)."""
     batch, n, d = x.shape
     out = torch.empty_like(x)
-    log_norm = torch.empty((batch, n), device=x.device, dtype=torch.float32)
+    out64 = torch.empty((batch, n, d), device=x.device, dtype=torch.float64)
+    norm = torch.empty((batch, n), device=x.device, dtype=torch.float64)
     if batch == 0 or n == 0 or d == 0:
-        return out, log_norm
+        return out, out64, norm
     block_d = block_d_for(d)
-    cfg = config or default_config("apply_forward", block_d)
+    cfg = config or launch_config("apply_forward", n=n, d=d, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, cfg.block_m), batch, triton.cdiv(d, block_d))
     apply_forward_kernel[grid](
-        t, w, lower, upper, x, out, log_norm, n, d, _scale_tensor(scale, x.device),
+        t, w, lower, upper, x, out, out64, norm, n, d, _scale_tensor(scale, x.device),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, DOT_PRECISION=dot_precision(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out, log_norm
+    return out, out64, norm
 
 
 def apply_backward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, count: Tensor, x: Tensor, grad: Tensor,
-                   log_norm: Tensor, delta: Tensor, scale: float,
+                   norm: Tensor, delta: Tensor, scale: float,
                    config: KernelConfig | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Column pass of the backward in sorted coordinates. Returns (dx (B, n, d), u (B, n) fp32, r (B, n) fp32)."""
+    """Column pass of the backward in sorted coordinates; norm, delta float64.
+    Returns (dx (B, n, d) in x.dtype, u (B, n) float64, r (B, n) float64)."""
     batch, n, d = x.shape
     dx = torch.empty_like(x)
-    u = torch.zeros((batch, n), device=x.device, dtype=torch.float32)
-    r = torch.zeros((batch, n), device=x.device, dtype=torch.float32)
+    u = torch.zeros((batch, n), device=x.device, dtype=torch.float64)
+    r = torch.zeros((batch, n), device=x.device, dtype=torch.float64)
     if batch == 0 or n == 0 or d == 0:
         return dx, u, r
     block_d = block_d_for(d)
-    cfg = config or default_config("apply_backward", block_d)
+    cfg = config or launch_config("apply_backward", n=n, d=d, dtype=x.dtype, device=x.device)
     # Rows whose windows reach column tile [m0, m1]: R_p >= m0 and L_p <= m1 (both non-decreasing in p).
     tile_first = torch.arange(0, n, cfg.block_n, device=x.device, dtype=lower.dtype).expand(batch, -1)
     tile_last = (tile_first + cfg.block_n - 1).clamp_(max=n - 1)
@@ -82,7 +85,7 @@ def apply_backward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, count: Te
     row_end = torch.searchsorted(lower, tile_last.contiguous(), right=True).to(torch.int32)
     grid = (tile_first.shape[1], batch, triton.cdiv(d, block_d))
     apply_backward_kernel[grid](
-        t, w, lower, upper, row_start, row_end, count, x, grad, log_norm, delta, dx, u, r, n, d,
+        t, w, lower, upper, row_start, row_end, count, x, grad, norm, delta, dx, u, r, n, d,
         tile_first.shape[1], _scale_tensor(scale, x.device),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, DOT_PRECISION=dot_precision(x.dtype),
         SINGLE_D_CHUNK=d <= block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -3,10 +3,10 @@
 All kernels work in sorted coordinates (see ``triton_sort/_columns.py``): row ``p`` of ``P_hat`` weighs sorted
 column ``m`` by ``exp(-D_p(m) / tau)``, ``D_p(m) = (2p - 1)(t_p - t_m) - 2 (W_p - W_m) >= 0`` with float64 sorted
 scores ``t`` and prefix sums ``W``. Its maximum is exactly 1 at ``m = p``, so the softmax needs no running max: the
-forward accumulates the row sum ``l_p >= 1`` and stores only ``log2(l_p)``; the backward recomputes tiles from it
-and from ``Delta_p = g_p . y_p`` (FlashAttention-2). This is attention with a scalar query and key in disguise, but
-the logits are never formed as ``c_p t_m - b_m`` (size ``n |s| / tau``): the drop is computed in float64 from a
-tile anchor ``b`` (the tile's first column) as
+forward accumulates the row sum ``l_p`` in [1, n] and stores only it, in float64 (not its log); the backward
+recomputes tiles from it and from ``Delta_p = g_p . y_p`` (FlashAttention-2). This is attention with a scalar query
+and key in disguise, but the logits are never formed as ``c_p t_m - b_m`` (size ``n |s| / tau``): the drop is
+computed in float64 from a tile anchor ``b`` (the tile's first column) as
 
     D_p(m) = D_p(b) + (2(b - p) + 1) (t_m - t_b) + 2 V_m,   V_m = (W_m - W_b) - b (t_m - t_b),
 
@@ -16,8 +16,10 @@ fp32 for ``exp2``: fp32 results stay exact to float64 precision at any n.
 Each row only visits the columns of its window ``[L_p, R_p]`` (``LOWER``/``UPPER``), where ``D_p <= T * tau``; the
 rest of a tile is masked. Full windows give the dense evaluation, with the same code.
 
-Offsets that can exceed 2^31 (``B * n * n``, ``B * n * d``) are int64. Accumulation is fp32; fp16/bf16 values are
-upcast on load (the interpreter's bf16 ``tl.dot`` is wrong), and fp32 ``tl.dot`` uses 3xTF32 for fp32 accuracy.
+Offsets that can exceed 2^31 (``B * n * n``, ``B * n * d``) are int64. Tiles are computed in fp32 and accumulated
+across tiles in float64 (row sums, outputs, the backward's dz and column sums), which keeps fp32 results within
+about 1e-7 of float64 even where sums cancel. fp16/bf16 values are upcast on load (the interpreter's bf16 ``tl.dot``
+is wrong), and fp32 ``tl.dot`` uses 3xTF32 for fp32 accuracy.
 """
 
 from __future__ import annotations
@@ -44,11 +46,12 @@ def _scaled_logits(rows, t_p, w_p, b, t_b, w_b, offset, twice_v, inside, scale):
 
 @triton.jit
 def _tile_matmul(p, x, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) @ (BLOCK_N, BLOCK_D) in fp32; d = 1 is a row reduction, wider d uses tensor cores."""
+    """(BLOCK_M, BLOCK_N) @ (BLOCK_N, BLOCK_D) -> float64. d = 1 is a float64 row reduction (exact enough that the
+    backward's Delta = g . y matches its recomputed tiles); wider d uses tensor cores (fp32, 3xTF32 for fp32)."""
     if BLOCK_D == 1:
-        return tl.sum(p * tl.sum(x, axis=1)[None, :], axis=1)[:, None]
+        return tl.sum(p.to(tl.float64) * tl.sum(x, axis=1).to(tl.float64)[None, :], axis=1)[:, None]
     else:
-        return tl.dot(p, x, input_precision=DOT_PRECISION)
+        return tl.dot(p, x, input_precision=DOT_PRECISION).to(tl.float64)
 
 
 @triton.jit
@@ -62,7 +65,7 @@ def _load_rows(T, W, LOWER, UPPER, rows, n):
 def _row_sums(T, W, rows, t_p, w_p, lower, upper, col_start, col_end, n, scale,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """l_p = sum over the window of exp(-D_p / tau) (>= 1: the peak contributes exactly 1)."""
-    norm = tl.zeros([BLOCK_M], tl.float32)
+    norm = tl.zeros([BLOCK_M], tl.float64)
     for start in range(col_start, col_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         cols_c = tl.minimum(cols, n - 1)
@@ -70,8 +73,8 @@ def _row_sums(T, W, rows, t_p, w_p, lower, upper, col_start, col_end, n, scale,
         w_b = tl.load(W + start)
         offset, twice_v = _column_anchor(tl.load(T + cols_c), tl.load(W + cols_c), start, t_b, w_b)
         inside = (cols[None, :] >= lower[:, None]) & (cols[None, :] <= upper[:, None])
-        norm += tl.sum(tl.math.exp2(_scaled_logits(rows, t_p, w_p, start, t_b, w_b, offset, twice_v, inside,
-                                                   scale)), axis=1)
+        p = tl.math.exp2(_scaled_logits(rows, t_p, w_p, start, t_b, w_b, offset, twice_v, inside, scale))
+        norm += tl.sum(p.to(tl.float64), axis=1)
     return norm
 
 
@@ -97,8 +100,7 @@ def matrix_forward_kernel(
     rows_c, t_p, w_p, lower, upper = _load_rows(T, W, LOWER, UPPER, rows, n)
     col_start = tl.load(LOWER + pid_m * BLOCK_M)
     col_end = tl.load(UPPER + tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, n - 1)) + 1
-    log_norm = tl.math.log2(_row_sums(T, W, rows_c, t_p, w_p, lower, upper, col_start, col_end, n, scale,
-                                      BLOCK_M, BLOCK_N))
+    norm = _row_sums(T, W, rows_c, t_p, w_p, lower, upper, col_start, col_end, n, scale, BLOCK_M, BLOCK_N)
     out_rows = tl.load(OUT_ROW + rows_c).to(tl.int64)
     for start in range(col_start, col_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
@@ -108,17 +110,20 @@ def matrix_forward_kernel(
         offset, twice_v = _column_anchor(tl.load(T + cols_c), tl.load(W + cols_c), start, t_b, w_b)
         inside = (cols[None, :] >= lower[:, None]) & (cols[None, :] <= upper[:, None]) & row_mask[:, None]
         z = _scaled_logits(rows_c, t_p, w_p, start, t_b, w_b, offset, twice_v, inside, scale)
-        p = tl.math.exp2(z - log_norm[:, None])
+        p = tl.math.exp2(z).to(tl.float64) / norm[:, None]
         out_cols = tl.load(ORDER + cols_c).to(tl.int64)
-        tl.store(P + out_rows[:, None] * n + out_cols[None, :], p.to(P.dtype.element_ty), mask=inside)
+        # float64 -> fp32 first: the interpreter cannot convert float64 to bf16 directly.
+        tl.store(P + out_rows[:, None] * n + out_cols[None, :], p.to(tl.float32).to(P.dtype.element_ty),
+                 mask=inside)
 
 
 @triton.jit
 def apply_forward_kernel(
-    T, W, LOWER, UPPER, X, OUT, LOG_NORM, n, d, SCALE,
+    T, W, LOWER, UPPER, X, OUT, OUT64, NORM, n, d, SCALE,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """OUT[b, p, :] = sum_m P_pm X[b, m, :] over row p's window; LOG_NORM[b, p] = log2(l_p). Sorted coordinates.
+    """OUT[b, p, :] = sum_m P_pm X[b, m, :] over row p's window (also OUT64 in float64, for the backward's
+    Delta); NORM[b, p] = l_p in float64. Sorted coordinates.
 
     Grid (row tiles, B, d chunks). T, W: (B, n) float64; LOWER, UPPER: (B, n) int32; X, OUT: (B, n, d)."""
     pid_m = tl.program_id(0).to(tl.int64)
@@ -131,6 +136,7 @@ def apply_forward_kernel(
     UPPER += pid_b * n
     X += pid_b * n * d
     OUT += pid_b * n * d
+    OUT64 += pid_b * n * d
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n
     dims = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -140,8 +146,10 @@ def apply_forward_kernel(
     col_start = tl.load(LOWER + pid_m * BLOCK_M)
     col_end = tl.load(UPPER + tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, n - 1)) + 1
 
-    norm = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # Tiles are summed in fp32, tiles into float64 accumulators: the row sums' rounding would rescale whole
+    # rows of the backward's dz, and d_scores sums rows whose contributions largely cancel.
+    norm = tl.zeros([BLOCK_M], tl.float64)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float64)
     for start in range(col_start, col_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         cols_c = tl.minimum(cols, n - 1)
@@ -150,21 +158,23 @@ def apply_forward_kernel(
         offset, twice_v = _column_anchor(tl.load(T + cols_c), tl.load(W + cols_c), start, t_b, w_b)
         inside = (cols[None, :] >= lower[:, None]) & (cols[None, :] <= upper[:, None])
         p = tl.math.exp2(_scaled_logits(rows_c, t_p, w_p, start, t_b, w_b, offset, twice_v, inside, scale))
-        norm += tl.sum(p, axis=1)
+        norm += tl.sum(p.to(tl.float64), axis=1)
         x = tl.load(X + cols_c.to(tl.int64)[:, None] * d + dims[None, :],
                     mask=(cols < n)[:, None] & dim_mask[None, :], other=0.0)
         acc += _tile_matmul(p, x.to(tl.float32), BLOCK_D, DOT_PRECISION)
 
     acc = acc / norm[:, None]
-    tl.store(OUT + rows.to(tl.int64)[:, None] * d + dims[None, :], acc.to(OUT.dtype.element_ty),
-             mask=row_mask[:, None] & dim_mask[None, :])
+    out_offsets = rows.to(tl.int64)[:, None] * d + dims[None, :]
+    out_mask = row_mask[:, None] & dim_mask[None, :]
+    tl.store(OUT + out_offsets, acc.to(tl.float32).to(OUT.dtype.element_ty), mask=out_mask)
+    tl.store(OUT64 + out_offsets, acc, mask=out_mask)
     if pid_d == 0:
-        tl.store(LOG_NORM + pid_b * n + rows, tl.math.log2(norm), mask=row_mask)
+        tl.store(NORM + pid_b * n + rows, norm, mask=row_mask)
 
 
 @triton.jit
 def apply_backward_kernel(
-    T, W, LOWER, UPPER, ROW_START, ROW_END, CNT, X, G, LOG_NORM, DELTA, DX, U, R, n, d, num_col_tiles, SCALE,
+    T, W, LOWER, UPPER, ROW_START, ROW_END, CNT, X, G, NORM, DELTA, DX, U, R, n, d, num_col_tiles, SCALE,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SINGLE_D_CHUNK: tl.constexpr,
 ):
@@ -173,7 +183,8 @@ def apply_backward_kernel(
     With dz_pm = P_pm (g_p . x_m - Delta_p) it accumulates over the rows whose windows reach the tile
     (ROW_START..ROW_END - 1, precomputed): DX[b, m] = sum_p P_pm g_p, U[b, m] = sum_p (c_p - cnt_m) dz_pm with
     c_p = 2p - n + 1 (small near the peak, which avoids cancelling two sums of size n r_m), R[b, m] = sum_p dz_pm.
-    CNT, LOG_NORM, DELTA, U, R: (B, n) fp32; ROW_START, ROW_END: (B, num_col_tiles) int32; X, G, DX: (B, n, d).
+    CNT: (B, n) fp32; NORM, DELTA, U, R: (B, n) float64; ROW_START, ROW_END: (B, num_col_tiles) int32;
+    X, G, DX: (B, n, d).
     """
     pid_n = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -184,7 +195,7 @@ def apply_backward_kernel(
     LOWER += pid_b * n
     UPPER += pid_b * n
     CNT += pid_b * n
-    LOG_NORM += pid_b * n
+    NORM += pid_b * n
     DELTA += pid_b * n
     X += pid_b * n * d
     G += pid_b * n * d
@@ -204,29 +215,32 @@ def apply_backward_kernel(
     row_start = tl.load(ROW_START + pid_b * num_col_tiles + pid_n)
     row_end = tl.load(ROW_END + pid_b * num_col_tiles + pid_n)
 
-    dx_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    u_acc = tl.zeros([BLOCK_N], tl.float32)
-    r_acc = tl.zeros([BLOCK_N], tl.float32)
+    # dz and the column sums are float64: where P is nearly a permutation g_p . x_m - Delta_p is a small
+    # difference, and d_scores sums rows whose contributions largely cancel.
+    dx_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float64)
+    u_acc = tl.zeros([BLOCK_N], tl.float64)
+    r_acc = tl.zeros([BLOCK_N], tl.float64)
     for start in range(row_start, row_end, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_mask = rows < n
         rows_c, t_p, w_p, lower, upper = _load_rows(T, W, LOWER, UPPER, rows, n)
-        log_norm = tl.load(LOG_NORM + rows_c)
+        norm = tl.load(NORM + rows_c)
         delta = tl.load(DELTA + rows_c)
         inside = (cols[None, :] >= lower[:, None]) & (cols[None, :] <= upper[:, None]) & row_mask[:, None]
         z = _scaled_logits(rows_c, t_p, w_p, anchor, t_b, w_b, offset, twice_v, inside, scale)
-        p = tl.math.exp2(z - log_norm[:, None])
+        p64 = tl.math.exp2(z).to(tl.float64) / norm[:, None]
+        p = p64.to(tl.float32)
         row_offsets = rows_c.to(tl.int64)[:, None] * d
         g_own = tl.load(G + row_offsets + own_dims[None, :], mask=row_mask[:, None] & own_dim_mask[None, :],
                         other=0.0).to(tl.float32)
         # gx_pm = g_p . x_m over all of d (other chunks are reloaded only when d spans several programs).
         if SINGLE_D_CHUNK:
             if BLOCK_D == 1:
-                gx = tl.sum(g_own, axis=1)[:, None] * tl.sum(x_own, axis=1)[None, :]
+                gx = tl.sum(g_own, axis=1).to(tl.float64)[:, None] * tl.sum(x_own, axis=1).to(tl.float64)[None, :]
             else:
-                gx = tl.dot(g_own, tl.trans(x_own), input_precision=DOT_PRECISION)
+                gx = tl.dot(g_own, tl.trans(x_own), input_precision=DOT_PRECISION).to(tl.float64)
         else:
-            gx = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            gx = tl.zeros([BLOCK_M, BLOCK_N], tl.float64)
             for d0 in range(0, d, BLOCK_D):
                 dims = d0 + tl.arange(0, BLOCK_D)
                 dim_mask = dims < d
@@ -234,15 +248,15 @@ def apply_backward_kernel(
                             other=0.0).to(tl.float32)
                 x = tl.load(X + cols.to(tl.int64)[:, None] * d + dims[None, :],
                             mask=col_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
-                gx += tl.dot(g, tl.trans(x), input_precision=DOT_PRECISION)
-        dz = p * (gx - delta[:, None])
-        coefficient = (2 * rows_c - n + 1).to(tl.float32)
-        u_acc += tl.sum((coefficient[:, None] - cnt[None, :]) * dz, axis=0)
+                gx += tl.dot(g, tl.trans(x), input_precision=DOT_PRECISION).to(tl.float64)
+        dz = p64 * (gx - delta[:, None])
+        coefficient = (2 * rows_c - n + 1).to(tl.float64)
+        u_acc += tl.sum((coefficient[:, None] - cnt.to(tl.float64)[None, :]) * dz, axis=0)
         r_acc += tl.sum(dz, axis=0)
         dx_acc += _tile_matmul(tl.trans(p), g_own, BLOCK_D, DOT_PRECISION)
 
-    tl.store(DX + cols.to(tl.int64)[:, None] * d + own_dims[None, :], dx_acc.to(DX.dtype.element_ty),
-             mask=col_mask[:, None] & own_dim_mask[None, :])
+    tl.store(DX + cols.to(tl.int64)[:, None] * d + own_dims[None, :],
+             dx_acc.to(tl.float32).to(DX.dtype.element_ty), mask=col_mask[:, None] & own_dim_mask[None, :])
     if pid_d == 0:
         tl.store(U + pid_b * n + cols, u_acc, mask=col_mask)
         tl.store(R + pid_b * n + cols, r_acc, mask=col_mask)

@@ -9,11 +9,12 @@ from triton_sort.reference import dense_sort_matrix
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ("torch", "triton")
 
-# Relative error (norm of the difference over the norm of the reference) allowed per input dtype, on top of the
-# fp32 rounding of logits of size n * spread / tau (see ``tolerance``). Stated once, used everywhere.
+# Relative error (norm of the difference over the norm of the reference) allowed per input dtype, stated once.
+# fp32 is held to 1e-6 at any n and tau: the logits are never formed at their full size n * |s| / tau (drops
+# from float64 prefix sums, float64 accumulation across tiles). fp16/bf16: their own rounding of inputs and output.
 BASE_TOLERANCE = {
     torch.float64: 1e-10,
-    torch.float32: 2e-5,
+    torch.float32: 1e-6,
     torch.float16: 4e-3,
     torch.bfloat16: 3e-2,
 }
@@ -26,13 +27,8 @@ def dense_reference(scores: torch.Tensor, tau: float, descending: bool = True) -
     return dense_sort_matrix(scores.to(torch.float64), tau, descending)
 
 
-def tolerance(dtype: torch.dtype, scores: torch.Tensor, tau: float) -> float:
-    """fp32 computes logits of size n * spread / tau whose rounding no later step can undo (the exact, centred
-    evaluation is the subject of its own issue); float64 gets the same term at its own epsilon."""
-    n = scores.shape[-1]
-    spread = float(scores.max() - scores.min()) if scores.numel() else 0.0
-    eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
-    return BASE_TOLERANCE[dtype] + 2 * n * spread / tau * eps
+def tolerance(dtype: torch.dtype) -> float:
+    return BASE_TOLERANCE[dtype]
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) -> float:

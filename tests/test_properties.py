@@ -68,7 +68,7 @@ def test_ties_against_reference(backend, pattern):
     x = torch.randn(2, n, 3)
     expected = dense_reference(scores.double(), 0.3) @ x.double()
     actual = relaxed_sort_apply(scores.to(DEVICE), x.to(DEVICE), 0.3, backend=backend)
-    assert relative_error(actual.cpu(), expected) <= tolerance(torch.float32, scores, 0.3)
+    assert relative_error(actual.cpu(), expected) <= tolerance(torch.float32)
 
 
 def test_hard_mode_is_the_stable_sort(backend):
@@ -142,4 +142,4 @@ def test_apply_is_matrix_times_values(n, batch, d, kind, tau, backend, seed):
     x = torch.randn(batch, n, d, generator=torch.Generator().manual_seed(seed + 1))
     expected = dense_reference(scores.double(), tau) @ x.double()
     actual = relaxed_sort_apply(scores.to(DEVICE), x.to(DEVICE), tau, backend=backend)
-    assert relative_error(actual.cpu(), expected) <= tolerance(torch.float32, scores, tau)
+    assert relative_error(actual.cpu(), expected) <= tolerance(torch.float32)

@@ -27,7 +27,7 @@ def check_apply(backend: str, scores: torch.Tensor, x: torch.Tensor, tau: float,
     x64 = x.detach().to(DEVICE, dtype).to(torch.float64).requires_grad_()
     p = dense_reference(s64, tau, descending)
     expected = (p @ (x64 if x64.dim() == s64.dim() + 1 else x64.unsqueeze(-1))).reshape(x64.shape)
-    grad_out = torch.randn_like(expected)
+    grad_out = torch.randn_like(expected).to(dtype).to(torch.float64)  # representable in dtype, like the inputs
     exp_ds, exp_dx = torch.autograd.grad(expected, (s64, x64), grad_out)
 
     s = s64.detach().to(dtype).requires_grad_()
@@ -35,12 +35,12 @@ def check_apply(backend: str, scores: torch.Tensor, x: torch.Tensor, tau: float,
     actual = relaxed_sort_apply(s, xs, tau, descending=descending, backend=backend)
     assert actual.shape == x.shape and actual.dtype == dtype
     ds, dx = torch.autograd.grad(actual, (s, xs), grad_out.to(dtype))
-    tol = tolerance(dtype, s64.detach(), tau)
+    tol = tolerance(dtype)
     assert relative_error(actual, expected) <= tol, "forward"
     assert relative_error(dx, exp_dx) <= tol, "d_x"
-    # Scores' gradients carry the same rounding, amplified by the row reductions (measured up to ~1x cond).
+    # d_scores can be small by cancellation (P_hat nearly a permutation): measured against its terms' size then.
     floor = scores_grad_floor(grad_out, x64.detach(), tau)
-    assert relative_error(ds, exp_ds, floor) <= 2 * tol, "d_scores"
+    assert relative_error(ds, exp_ds, floor) <= tol, "d_scores"
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -96,7 +96,7 @@ def test_matrix_matches_reference(backend, n, descending):
     actual = relaxed_sort_matrix(s, tau, descending=descending, backend=backend)
     assert actual.shape == (2, n, n)
     (ds,) = torch.autograd.grad(actual, s, grad_out.float())
-    tol = tolerance(torch.float32, s64.detach(), tau)
+    tol = tolerance(torch.float32)
     assert relative_error(actual, expected) <= tol
     assert relative_error(ds, exp_ds) <= 2 * tol
 
@@ -108,7 +108,7 @@ def test_matrix_dtypes(backend, dtype):
     s64 = torch.randn(17, device=DEVICE).to(dtype).to(torch.float64)
     actual = relaxed_sort_matrix(s64.to(dtype), 0.5, backend=backend)
     assert actual.shape == (17, 17) and actual.dtype == dtype
-    assert relative_error(actual, dense_reference(s64, 0.5)) <= tolerance(dtype, s64, 0.5)
+    assert relative_error(actual, dense_reference(s64, 0.5)) <= tolerance(dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -116,4 +116,4 @@ def test_backends_agree(dtype):
     scores, x = torch.randn(3, 130, dtype=dtype), torch.randn(3, 130, 20, dtype=dtype)
     torch_out = relaxed_sort_apply(scores, x, 0.2, backend="torch")
     triton_out = relaxed_sort_apply(scores, x, 0.2, backend="triton")
-    assert relative_error(triton_out, torch_out) <= 2 * tolerance(dtype, scores.float(), 0.2)
+    assert relative_error(triton_out, torch_out) <= 2 * tolerance(dtype)

@@ -139,8 +139,8 @@ def relaxed_sort_matrix(scores: Tensor, tau: float | Tensor, *, descending: bool
     Row i is a softmax peaking at the i-th largest score (``descending=False``: smallest); rows sum to 1.
     ``hard=True`` returns the exact permutation matrix (stable for ties) with the relaxed gradient.
     With ``banded`` (default) entries below ``e^-(ln(n) + 30)`` of their row's peak are exact zeros (see
-    ``relaxed_sort_apply``). Differentiable with respect to ``scores``. Prefer :func:`relaxed_sort_apply` when only ``P_hat @ x`` is
-    needed: it never allocates ``n x n``.
+    ``relaxed_sort_apply``). Differentiable with respect to ``scores``. Prefer :func:`relaxed_sort_apply` when
+    only ``P_hat @ x`` is needed: it never allocates ``n x n``.
     """
     tau = check_tau(tau)
     scores = _check_scores(scores)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._backends import BACKENDS, compute_dtype
+from ._backends import BACKENDS
 from ._columns import SortedTerms, output_rows, signed_sum, sorted_terms
 
 
@@ -47,50 +47,50 @@ def _scores_gradient(terms: SortedTerms, u: Tensor, r: Tensor, tau: float, dtype
 @torch.library.custom_op("triton_sort::apply", mutates_args=())
 def sort_apply(scores: Tensor, x: Tensor, tau: float, descending: bool, hard: bool, banded: bool,
                backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (out, soft, log_norm): out = P_hat @ x (or x in exact sorted order if ``hard``), soft = the relaxed
-    product kept for the backward pass when ``hard`` (else empty), log_norm = log row sums in sorted order."""
+    """Returns (out, saved, norm): out = P_hat @ x (or x in exact sorted order if ``hard``); saved = what the
+    backend's backward needs of the relaxed product (Triton: it in float64, sorted order; PyTorch: empty);
+    norm = the row sums in sorted order (float64)."""
     _check_finite_scores(scores)
     terms = sorted_terms(scores, tau, banded)
-    sorted_out, log_norm = BACKENDS[backend].apply_forward(terms, _to_sorted(x, terms.order), tau)
-    soft = sorted_out[:, output_rows(terms.n, descending, x.device)]
-    if not hard:
-        return soft, soft.new_empty(0), log_norm
-    order = hard_order(scores, descending)
-    return torch.gather(x, 1, order[..., None].expand_as(x)), soft, log_norm
+    sorted_out, saved, norm = BACKENDS[backend].apply_forward(terms, _to_sorted(x, terms.order), tau)
+    if hard:
+        order = hard_order(scores, descending)
+        return torch.gather(x, 1, order[..., None].expand_as(x)), saved, norm
+    return sorted_out[:, output_rows(terms.n, descending, x.device)], saved, norm
 
 
 @sort_apply.register_fake
 def _(scores, x, tau, descending, hard, banded, backend):
-    log_norm = scores.new_empty(scores.shape, dtype=compute_dtype(x.dtype))
-    return torch.empty_like(x), (torch.empty_like(x) if hard else x.new_empty(0)), log_norm
+    saved = x.new_empty(x.shape if backend == "triton" else (0,), dtype=torch.float64)
+    return torch.empty_like(x), saved, scores.new_empty(scores.shape, dtype=torch.float64)
 
 
 @torch.library.custom_op("triton_sort::apply_backward", mutates_args=())
-def sort_apply_backward(scores: Tensor, x: Tensor, grad: Tensor, soft: Tensor, log_norm: Tensor, tau: float,
+def sort_apply_backward(scores: Tensor, x: Tensor, grad: Tensor, saved: Tensor, norm: Tensor, tau: float,
                         descending: bool, banded: bool, backend: str) -> tuple[Tensor, Tensor]:
     """Gradients (d_scores (B, n), d_x (B, n, d)) of P_hat @ x, recomputing P_hat tile by tile."""
     terms = sorted_terms(scores, tau, banded)
     rows = output_rows(terms.n, descending, x.device)  # an involution: output row i <-> sorted row rows[i]
     sorted_dx, u, r = BACKENDS[backend].apply_backward(
-        terms, _to_sorted(x, terms.order), grad[:, rows], soft[:, rows], log_norm, tau)
+        terms, _to_sorted(x, terms.order), grad[:, rows], saved, norm, tau)
     return _scores_gradient(terms, u, r, tau, scores.dtype), _from_sorted(sorted_dx, terms.order)
 
 
 @sort_apply_backward.register_fake
-def _(scores, x, grad, soft, log_norm, tau, descending, banded, backend):
+def _(scores, x, grad, saved, norm, tau, descending, banded, backend):
     return torch.empty_like(scores), torch.empty_like(x)
 
 
 def _apply_setup_context(ctx, inputs, output):
-    scores, x, tau, descending, hard, banded, backend = inputs
-    out, soft, log_norm = output
-    ctx.save_for_backward(scores, x, soft if hard else out, log_norm)
+    scores, x, tau, descending, _, banded, backend = inputs
+    _, saved, norm = output
+    ctx.save_for_backward(scores, x, saved, norm)
     ctx.tau, ctx.descending, ctx.banded, ctx.backend = tau, descending, banded, backend
 
 
-def _apply_backward(ctx, grad_out, grad_soft, grad_log_norm):
-    scores, x, soft, log_norm = ctx.saved_tensors
-    d_scores, d_x = sort_apply_backward(scores, x, grad_out, soft, log_norm, ctx.tau, ctx.descending, ctx.banded,
+def _apply_backward(ctx, grad_out, grad_saved, grad_norm):
+    scores, x, saved, norm = ctx.saved_tensors
+    d_scores, d_x = sort_apply_backward(scores, x, grad_out, saved, norm, ctx.tau, ctx.descending, ctx.banded,
                                         ctx.backend)
     return d_scores, d_x, None, None, None, None, None
 
@@ -121,8 +121,11 @@ def sort_matrix_backward(scores: Tensor, grad: Tensor, soft: Tensor, tau: float,
 
     Entries outside the band are exactly 0 in ``soft``, so they get no gradient, as in the banded forward."""
     terms = sorted_terms(scores, tau, banded=False)
-    work = compute_dtype(soft.dtype)
+    work = torch.float64
+    # Renormalised in float64: rows summing to 1 up to the output dtype's rounding would rescale whole rows of dz,
+    # and d_scores sums rows whose contributions largely cancel.
     p, g = soft.to(work), grad.to(work)
+    p = p / p.sum(-1, keepdim=True)
     dz = p * (g - (p * g).sum(-1, keepdim=True))
     n = scores.shape[-1]
     c = 2 * output_rows(n, descending, scores.device).to(work) - (n - 1)  # c of output row i = c of its sorted row

@@ -1,0 +1,160 @@
+"""Exact at any n: fp32 results within 1e-6 of float64, the band's bound, degenerate inputs, backends agreeing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from reference import DEVICE, relative_error, scores_grad_floor
+
+from triton_sort import relaxed_sort_apply, relaxed_sort_matrix
+from triton_sort._columns import band_threshold, drop, sorted_terms
+from triton_sort.reference import dense_sort_matrix
+
+EXACT = 1e-6  # relative error of fp32 results against float64, forward and both gradients
+
+
+def _scores(kind: str, n: int, gen: torch.Generator) -> torch.Tensor:
+    if kind == "normal":
+        return torch.randn(1, n, generator=gen)
+    if kind == "uniform":
+        return torch.rand(1, n, generator=gen) * 10 - 5
+    if kind == "cauchy":
+        return torch.empty(1, n).cauchy_(generator=gen)
+    if kind == "ties":  # large blocks of equal scores
+        return torch.randint(0, 7, (1, n), generator=gen).float()
+    raise ValueError(kind)
+
+
+def _errors(scores: torch.Tensor, x: torch.Tensor, tau: float, backend: str) -> tuple[float, float, float]:
+    """Relative errors (value, d_scores, d_x) of fp32 relaxed_sort_apply against the float64 dense formula."""
+    gen = torch.Generator().manual_seed(1)
+    s64, x64 = scores.double().requires_grad_(), x.double().requires_grad_()
+    expected = dense_sort_matrix(s64, tau) @ x64
+    grad_out = torch.randn(expected.shape, generator=gen).double()
+    exp_ds, exp_dx = torch.autograd.grad(expected, (s64, x64), grad_out)
+    s, xs = scores.to(DEVICE).requires_grad_(), x.to(DEVICE).requires_grad_()
+    actual = relaxed_sort_apply(s, xs, tau, backend=backend)
+    ds, dx = torch.autograd.grad(actual, (s, xs), grad_out.float().to(DEVICE))
+    floor = scores_grad_floor(grad_out, x64.detach(), tau) * 1e-6  # only for gradients that vanish entirely
+    return (relative_error(actual.cpu(), expected), relative_error(ds.cpu(), exp_ds, floor),
+            relative_error(dx.cpu(), exp_dx))
+
+
+@pytest.mark.parametrize("kind", ["normal", "uniform", "cauchy", "ties"])
+@pytest.mark.parametrize("tau", [1e-3, 1e-1, 1.0, 1e2])
+def test_fp32_is_exact_at_large_n(kind, tau):
+    """n = 2048 (4096 below): the plain fp32 formula loses ~1e-3 here; the PyTorch path must stay within 1e-6."""
+    gen = torch.Generator().manual_seed(0)
+    scores, x = _scores(kind, 2048, gen), torch.randn(1, 2048, 2, generator=gen)
+    errors = _errors(scores, x, tau, "torch")
+    assert max(errors) <= EXACT, errors
+
+
+def test_fp32_is_exact_at_n_4096():
+    gen = torch.Generator().manual_seed(0)
+    errors = _errors(torch.randn(1, 4096, generator=gen), torch.randn(1, 4096, 1, generator=gen), 0.1, "torch")
+    assert max(errors) <= EXACT, errors
+
+
+@pytest.mark.parametrize("kind", ["normal", "cauchy", "ties"])
+@pytest.mark.parametrize("tau", [1e-3, 1e-1, 1e2])
+def test_triton_fp32_is_exact(kind, tau):
+    """The kernels (interpreter on CPU, n = 512) in float64-accumulating fp32, d = 1 and d = 16."""
+    gen = torch.Generator().manual_seed(0)
+    scores = _scores(kind, 512, gen)
+    value, d_scores, d_x = _errors(scores, torch.randn(1, 512, 1, generator=gen), tau, "triton")
+    assert max(value, d_scores, d_x) <= EXACT
+    value, d_scores, d_x = _errors(scores, torch.randn(1, 512, 16, generator=gen), tau, "triton")
+    # d >= 2 goes through tl.dot in fp32: Delta_p = g_p . y_p then carries fp32 rounding, which d_scores feels
+    # where P_hat is nearly a permutation (measured up to 8e-6 at tau = 1e-3).
+    assert max(value, d_x) <= EXACT and d_scores <= 2e-5
+
+
+@pytest.mark.parametrize(("scale", "tau"), [(1e-6, 1e-3), (1e-6, 1e-7), (1e6, 1e3), (1e6, 1e5)])
+def test_extreme_magnitudes(backend, scale, tau):
+    gen = torch.Generator().manual_seed(0)
+    n = 300
+    scores, x = scale * torch.randn(1, n, generator=gen), torch.randn(1, n, 1, generator=gen)
+    assert max(_errors(scores, x, tau, backend)) <= EXACT
+
+
+@pytest.mark.parametrize("tau", [1e-3, 1e3])
+def test_far_from_zero_and_extreme_tau(backend, tau):
+    gen = torch.Generator().manual_seed(0)
+    scores = 1e4 + torch.randn(1, 200, generator=gen)
+    assert max(_errors(scores, torch.randn(1, 200, 1, generator=gen), tau, backend)) <= EXACT
+
+
+@pytest.mark.parametrize("n", [2, 17, 64, 300])
+@pytest.mark.parametrize("tau", [0.01, 0.3, 3.0])
+@pytest.mark.parametrize("kind", ["normal", "cauchy", "ties"])
+def test_weight_outside_the_window_is_below_the_bound(n, tau, kind):
+    """Computed exactly in float64 from the dense matrix: each row's mass outside [L_p, R_p] < e^-30."""
+    scores = _scores(kind, n, torch.Generator().manual_seed(n)).double()
+    terms = sorted_terms(scores, tau, banded=True)
+    p = dense_sort_matrix(scores, tau)[0]
+    # Row i of the descending matrix is sorted row p = n - 1 - i; sorted column m is input column order[m].
+    sorted_p = p.flip(0)[:, terms.order[0]]
+    cols = torch.arange(n)
+    inside = (cols[None, :] >= terms.lower[0, :, None]) & (cols[None, :] <= terms.upper[0, :, None])
+    outside_mass = (sorted_p * ~inside).sum(-1)
+    assert float(outside_mass.max()) < math.exp(-30)
+    # The windows are the tightest contiguous ones: their ends are within T * tau of the peak.
+    ends = torch.stack([terms.lower[0], terms.upper[0]], dim=-1)
+    rows = torch.arange(n)[:, None].expand_as(ends)
+    assert float(drop(terms, rows[None], ends[None]).max()) <= band_threshold(n) * tau
+
+
+def test_band_is_narrow_for_spread_scores_and_full_when_degenerate():
+    scores = torch.randn(1, 4096, generator=torch.Generator().manual_seed(0))
+    width = (lambda t: float((t.upper - t.lower + 1).double().mean()))
+    assert width(sorted_terms(scores, 0.1)) < 4096 / 8
+    assert width(sorted_terms(torch.zeros(1, 4096), 0.1)) == 4096  # all equal: full rows
+    assert width(sorted_terms(scores, 1e6)) == 4096  # huge tau: full rows
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_banded_equals_full_rows(backend_name):
+    gen = torch.Generator().manual_seed(0)
+    scores, x = torch.randn(2, 300, generator=gen), torch.randn(2, 300, 4, generator=gen)
+    banded = relaxed_sort_apply(scores.to(DEVICE), x.to(DEVICE), 0.05, backend=backend_name)
+    full = relaxed_sort_apply(scores.to(DEVICE), x.to(DEVICE), 0.05, banded=False, backend=backend_name)
+    assert relative_error(banded, full) <= 1e-7
+    matrix = relaxed_sort_matrix(scores.to(DEVICE), 0.05, backend=backend_name)
+    assert (matrix == 0).float().mean() > 0.5  # exact zeros outside the band
+    torch.testing.assert_close(matrix.sum(-1), torch.ones(2, 300, device=DEVICE))
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties"])
+def test_backends_agree_banded(kind):
+    # d = 1: the kernels' exact path (d >= 2 goes through fp32 tl.dot, see test_triton_fp32_is_exact).
+    gen = torch.Generator().manual_seed(0)
+    scores, x = _scores(kind, 400, gen).to(DEVICE), torch.randn(1, 400, 1, generator=gen).to(DEVICE)
+    outs = []
+    for backend in ("torch", "triton"):
+        s, xs = scores.clone().requires_grad_(), x.clone().requires_grad_()
+        y = relaxed_sort_apply(s, xs, 0.2, backend=backend)
+        y.backward(torch.ones_like(y))
+        outs.append((y.detach(), s.grad, xs.grad))
+    for a, b in zip(*outs, strict=True):
+        assert relative_error(a, b) <= 2 * EXACT
+
+
+def test_compiled_torch_path_matches_eager(monkeypatch):
+    """Large chunks run through torch.compile (fused loops); the result is the same as the eager path."""
+    import triton_sort._backends as backends
+
+    gen = torch.Generator().manual_seed(0)
+    scores, x = torch.randn(1, 700, generator=gen), torch.randn(1, 700, 2, generator=gen)
+    results = []
+    monkeypatch.setenv("TRITON_SORT_COMPILE", "1")
+    for threshold in (1 << 40, 1):
+        monkeypatch.setattr(backends, "COMPILE_MIN_ELEMENTS", threshold)
+        s, xs = scores.clone().requires_grad_(), x.clone().requires_grad_()
+        y = relaxed_sort_apply(s, xs, 0.5, backend="torch")
+        y.backward(torch.ones_like(y))
+        results.append((y.detach(), s.grad, xs.grad))
+    for eager, compiled in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
