@@ -24,9 +24,9 @@ from torch import Tensor
 
 from ._columns import LOG2_E, SortedTerms, output_rows
 
-# Elements of one (B, rows, window) temporary of the PyTorch path; about five of them (float64 drops included)
-# are alive at once, so a chunk costs at most ~100 MiB whatever n is.
-CHUNK_ELEMENTS = 1 << 21
+# Elements of one (B, rows, window) temporary of the PyTorch path; about six of them (float64 ones included)
+# are alive at once, so a chunk costs at most ~25 MiB whatever n is.
+CHUNK_ELEMENTS = 1 << 19
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
