@@ -109,7 +109,9 @@ def test_weight_outside_the_window_is_below_the_bound(n, tau, kind):
 
 def test_band_is_narrow_for_spread_scores_and_full_when_degenerate():
     scores = torch.randn(1, 4096, generator=torch.Generator().manual_seed(0))
-    width = (lambda t: float((t.upper - t.lower + 1).double().mean()))
+    def width(terms) -> float:
+        return float((terms.upper - terms.lower + 1).double().mean())
+
     assert width(sorted_terms(scores, 0.1)) < 4096 / 8
     assert width(sorted_terms(torch.zeros(1, 4096), 0.1)) == 4096  # all equal: full rows
     assert width(sorted_terms(scores, 1e6)) == 4096  # huge tau: full rows

@@ -2,16 +2,20 @@
 
 from . import ops  # noqa: F401  (registers the torch.ops.triton_sort custom ops)
 from .api import relaxed_sort_apply, relaxed_sort_matrix
-from .modules import NeuralSort
+from .applications import relaxed_quantile, relaxed_topk
+from .modules import DifferentiableKNN, NeuralSort
 from .stochastic import PlackettLuce, reinforce_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DifferentiableKNN",
     "NeuralSort",
     "PlackettLuce",
     "__version__",
     "reinforce_loss",
+    "relaxed_quantile",
     "relaxed_sort_apply",
     "relaxed_sort_matrix",
+    "relaxed_topk",
 ]

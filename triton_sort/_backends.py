@@ -48,8 +48,10 @@ def _band_weights(t: Tensor, w: Tensor, t_rows: Tensor, w_rows: Tensor, lower_ro
     flat = cols.flatten(1)
     t_m = torch.gather(t, 1, flat).view_as(cols)
     w_m = torch.gather(w, 1, flat).view_as(cols)
-    drop = (2 * rows - 1)[None, :, None] * (t_rows[..., None] - t_m) - 2 * (w_rows[..., None] - w_m)
-    return torch.where(inside, drop * neg_inv_tau, float("-inf")).to(dtype).exp(), cols
+    # In place: the eager path is bound by memory passes over these (B, rows, width) temporaries.
+    drop = t_m.neg_().add_(t_rows[..., None]).mul_((2 * rows - 1)[None, :, None])  # (2p - 1)(t_p - t_m)
+    drop.sub_(w_m.neg_().add_(w_rows[..., None]).mul_(2))  # - 2 (W_p - W_m)
+    return drop.mul_(neg_inv_tau).masked_fill_(~inside, float("-inf")).to(dtype).exp_(), cols
 
 
 def _gather_rows(values: Tensor, cols: Tensor) -> Tensor:
@@ -87,15 +89,16 @@ def _backward_chunk(t, w, t_rows, w_rows, lower_rows, upper_rows, rows, offsets,
     return flat, (p[..., None] * g_rows[:, :, None, :]).view(batch, -1, d), dz.flatten(1), (dz * centred).flatten(1)
 
 
-# Chunks with at least this many (row, column) pairs run through torch.compile: fused loops instead of a dozen
-# memory passes per elementwise step (about 8x faster on CPU). Smaller ones, and every one when compilation is
-# unavailable or TRITON_SORT_COMPILE=0, run eagerly. The results are the same.
-COMPILE_MIN_ELEMENTS = 1 << 16
+# Problems with at least this many (row, column) pairs in their windows run their chunks through torch.compile:
+# fused loops instead of a dozen memory passes per elementwise step, about 8x faster on CPU, for a one-off
+# compilation of 15-20 s (cached on disk afterwards). Smaller problems, and all of them when compilation is
+# unavailable or TRITON_SORT_COMPILE=0, run eagerly; the results are the same.
+COMPILE_MIN_ELEMENTS = 1 << 22
 _compiled: dict[str, object] = {}
 
 
-def _chunk_function(name: str, fn, elements: int):
-    if elements < COMPILE_MIN_ELEMENTS or os.environ.get("TRITON_SORT_COMPILE", "1") == "0":
+def _chunk_function(name: str, fn, total: int):
+    if total < COMPILE_MIN_ELEMENTS or os.environ.get("TRITON_SORT_COMPILE", "1") == "0":
         return fn
     if name not in _compiled:
         _compiled[name] = _fallback_on_error(torch.compile(fn, dynamic=True), fn, name)
@@ -124,11 +127,14 @@ class TorchBackend:
 
     @staticmethod
     def _chunks(terms: SortedTerms, tau: float, d: int):
-        """Yields (p0, p1, elements, chunk arguments) for row chunks of at most CHUNK_ELEMENTS (row, column, d)."""
+        """Yields (p0, p1, total, chunk arguments) for row chunks of at most CHUNK_ELEMENTS (row, column, d) pairs;
+        ``total`` is the number of (row, column) pairs of the whole problem's windows."""
         batch, n = terms.t.shape
         if batch == 0 or n == 0:
             return
-        widths = (terms.upper - terms.lower + 1).amax(0)
+        windows = terms.upper - terms.lower + 1
+        total = int(windows.sum())
+        widths = windows.amax(0)
         step = max(1, CHUNK_ELEMENTS // (batch * int(widths.max()) * max(1, d)))
         block_widths = torch.nn.functional.pad(widths, (0, -n % step)).view(-1, step).amax(1).tolist()
         neg_inv_tau = torch.tensor(-1.0 / tau, dtype=torch.float64, device=terms.t.device)
@@ -136,7 +142,7 @@ class TorchBackend:
             p1 = min(p0 + step, n)
             rows = torch.arange(p0, p1, device=terms.t.device, dtype=torch.float64)
             offsets = torch.arange(width, device=terms.t.device)
-            yield p0, p1, batch * (p1 - p0) * width, (
+            yield p0, p1, total, (
                 terms.t, terms.w, terms.t[:, p0:p1], terms.w[:, p0:p1], terms.lower[:, p0:p1],
                 terms.upper[:, p0:p1], rows, offsets, neg_inv_tau)
 
@@ -159,8 +165,8 @@ class TorchBackend:
         xw = x.to(work)
         out = torch.empty_like(x)
         norm = torch.empty((batch, n), device=x.device, dtype=torch.float64)
-        for p0, p1, elements, args in self._chunks(terms, tau, d):
-            y, norm[:, p0:p1] = _chunk_function("forward", _forward_chunk, elements)(*args, xw)
+        for p0, p1, total, args in self._chunks(terms, tau, d):
+            y, norm[:, p0:p1] = _chunk_function("forward", _forward_chunk, total)(*args, xw)
             out[:, p0:p1] = y.to(x.dtype)
         return out, x.new_empty(0, dtype=torch.float64), norm
 
@@ -173,8 +179,8 @@ class TorchBackend:
         dx = torch.zeros((batch, n, d), device=x.device, dtype=torch.float64)
         u = torch.zeros((batch, n), device=x.device, dtype=torch.float64)
         r = torch.zeros_like(u)
-        for p0, p1, elements, args in self._chunks(terms, tau, d):
-            cols, pg, dz, centred_dz = _chunk_function("backward", _backward_chunk, elements)(
+        for p0, p1, total, args in self._chunks(terms, tau, d):
+            cols, pg, dz, centred_dz = _chunk_function("backward", _backward_chunk, total)(
                 *args, x64, g64[:, p0:p1], norm[:, p0:p1], terms.count, work)
             dx.scatter_add_(1, cols[..., None].expand(-1, -1, d), pg)
             r.scatter_add_(1, cols, dz)
