@@ -1,13 +1,19 @@
 """Launch configurations of the kernels: the block sizes the package may launch, chosen per kernel and ``d``.
 
-The autotuner (``triton_sort.autotune``) searches ``candidate_configs``; until it has tuned a device the package
-launches ``default_config``. The compile-only test compiles every configuration returned here for sm_80 and sm_90.
+The autotuner (``triton_sort.autotune``) searches ``candidate_configs``; the launchers ask ``launch_config``, which
+returns the tuned configuration of the device if there is one (the user's cache, then the package's shipped
+defaults) and ``default_config`` otherwise. The compile-only test compiles every configuration returned by
+``candidate_configs`` for sm_80 and sm_90.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 KERNEL_NAMES = ("matrix_forward", "apply_forward", "apply_backward")
 
@@ -66,5 +72,36 @@ def gpu_heuristic_config(kernel: str, block_d: int = 1) -> KernelConfig:
 
 
 def candidate_configs(kernel: str, block_d: int = 1) -> list[KernelConfig]:
-    """Every configuration the package may launch on a GPU for ``kernel`` at this ``block_d``."""
-    return [gpu_heuristic_config(kernel, block_d)]
+    """Every configuration the package may launch on a GPU for ``kernel`` at this ``block_d`` (the tuner's space).
+
+    The heuristic one, its tile halved (twice the programs: fills the GPU at small n), and its tile with 8 warps
+    and 3 pipeline stages (more latency hiding). Kept small on purpose: the compile-only test builds each one for
+    3 dtypes and 2 architectures (doubled tiles spill and cost twice the compile time of the others).
+    """
+    base = gpu_heuristic_config(kernel, block_d)
+    half = KernelConfig(block_m=base.block_m // 2, block_n=base.block_n // 2, num_warps=4, num_stages=2)
+    return [base, half, replace(base, num_warps=8, num_stages=3)]
+
+
+_LAUNCH_CONFIGS: dict[tuple, KernelConfig] = {}
+
+
+def launch_config(kernel: str, *, n: int, d: int, dtype: torch.dtype, device: torch.device) -> KernelConfig:
+    """The configuration the launchers use: tuned for this device if known, else ``default_config``.
+
+    Memoised per (kernel, n bucket, block_d, dtype, device), so a launch costs a dict lookup; never tunes (tuning is
+    the explicit ``triton-sort autotune``).
+    """
+    key = (kernel, next_power_of_2(n), block_d_for(d), dtype, device)
+    config = _LAUNCH_CONFIGS.get(key)
+    if config is None:
+        from ..autotune.lookup import tuned_config  # the tuner imports the launchers, which import this module
+
+        config = tuned_config(*key) or default_config(kernel, key[2])
+        _LAUNCH_CONFIGS[key] = config
+    return config
+
+
+def forget_launch_configs() -> None:
+    """Drop ``launch_config``'s memo (after tuning, or when the cache directory changes)."""
+    _LAUNCH_CONFIGS.clear()

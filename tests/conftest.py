@@ -7,6 +7,7 @@ defined, so before anything imports triton_sort.
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -33,3 +34,5 @@ def _seed():
 # The PyTorch path compiles its large chunks with torch.compile; the suite's sizes stay eager (one test covers the
 # compiled path explicitly) so that no test pays a compilation.
 os.environ.setdefault("TRITON_SORT_COMPILE", "0")
+# Tuned launch configurations a developer cached locally must not change what the suite runs.
+os.environ.setdefault("TRITON_SORT_CACHE_DIR", tempfile.mkdtemp(prefix="triton-sort-test-cache-"))

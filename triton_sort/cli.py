@@ -1,4 +1,4 @@
-"""The ``triton-sort`` command: ``triton-sort memory ...`` (and more subcommands as they land)."""
+"""The ``triton-sort`` command: ``triton-sort {memory,scaling,report,autotune} ...``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import sys
 
 SUBCOMMANDS = {
     "memory": "triton_sort.bench.memory",
+    "scaling": "triton_sort.bench.scaling",
+    "report": "triton_sort.bench.report",
+    "autotune": "triton_sort.autotune.cli",
 }
 
 
