@@ -62,13 +62,14 @@ def default_config(kernel: str, block_d: int = 1) -> KernelConfig:
 
 
 def gpu_heuristic_config(kernel: str, block_d: int = 1) -> KernelConfig:
-    """Heuristic GPU configuration (the kernels are exp-bound: 64x64 tiles, 4 warps)."""
+    """Heuristic GPU configuration: the largest tile that compiles without register spills for sm_90 (checked with
+    ``python -m triton_sort.autotune.prune``; the float64 drops and accumulators take registers)."""
     if kernel not in KERNEL_NAMES:
         raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNEL_NAMES}")
-    if kernel != "matrix_forward" and block_d >= 64:
-        # Keep the (BLOCK_N, BLOCK_D) value tile and the accumulator in registers without spilling.
-        return KernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
-    return KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
+    if block_d >= 128 or (kernel == "apply_backward" and block_d >= 64):
+        # The (BLOCK_N, BLOCK_D) value tile and float64 accumulators leave room for a 32x32 tile only.
+        return KernelConfig(block_m=32, block_n=32, num_warps=4, num_stages=2)
+    return KernelConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)
 
 
 def candidate_configs(kernel: str, block_d: int = 1) -> list[KernelConfig]:
