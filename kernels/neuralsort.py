@@ -62,20 +62,18 @@ def _load_rows(T, W, LOWER, UPPER, rows, n):
 
 
 @triton.jit
-def _row_sums(T, W, rows, t_p, w_p, lower, upper, col_start, col_end, n, scale,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """l_p = sum over the window of exp(-D_p / tau) (>= 1: the peak contributes exactly 1)."""
-    norm = tl.zeros([BLOCK_M], tl.float64)
-    for start in range(col_start, col_end, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        cols_c = tl.minimum(cols, n - 1)
-        t_b = tl.load(T + start)
-        w_b = tl.load(W + start)
-        offset, twice_v = _column_anchor(tl.load(T + cols_c), tl.load(W + cols_c), start, t_b, w_b)
-        inside = (cols[None, :] >= lower[:, None]) & (cols[None, :] <= upper[:, None])
-        p = tl.math.exp2(_scaled_logits(rows, t_p, w_p, start, t_b, w_b, offset, twice_v, inside, scale))
-        norm += tl.sum(p.to(tl.float64), axis=1)
-    return norm
+def _tile_weights(T, W, rows, t_p, w_p, lower, upper, start, n, scale, BLOCK_N: tl.constexpr):
+    """exp(-D_p(m) / tau) on the column tile that starts at ``start``, 0 outside each row's window.
+
+    Returns the tile's columns, the same clamped to n - 1 (safe to load), the window mask and the weights."""
+    cols = start + tl.arange(0, BLOCK_N)
+    cols_c = tl.minimum(cols, n - 1)
+    t_b = tl.load(T + start)
+    w_b = tl.load(W + start)
+    offset, twice_v = _column_anchor(tl.load(T + cols_c), tl.load(W + cols_c), start, t_b, w_b)
+    inside = (cols[None, :] >= lower[:, None]) & (cols[None, :] <= upper[:, None])
+    p = tl.math.exp2(_scaled_logits(rows, t_p, w_p, start, t_b, w_b, offset, twice_v, inside, scale))
+    return cols, cols_c, inside, p
 
 
 @triton.jit
@@ -100,17 +98,15 @@ def matrix_forward_kernel(
     rows_c, t_p, w_p, lower, upper = _load_rows(T, W, LOWER, UPPER, rows, n)
     col_start = tl.load(LOWER + pid_m * BLOCK_M)
     col_end = tl.load(UPPER + tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, n - 1)) + 1
-    norm = _row_sums(T, W, rows_c, t_p, w_p, lower, upper, col_start, col_end, n, scale, BLOCK_M, BLOCK_N)
+    norm = tl.zeros([BLOCK_M], tl.float64)
+    for start in range(col_start, col_end, BLOCK_N):
+        _, _, _, p = _tile_weights(T, W, rows_c, t_p, w_p, lower, upper, start, n, scale, BLOCK_N)
+        norm += tl.sum(p.to(tl.float64), axis=1)
     out_rows = tl.load(OUT_ROW + rows_c).to(tl.int64)
     for start in range(col_start, col_end, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        cols_c = tl.minimum(cols, n - 1)
-        t_b = tl.load(T + start)
-        w_b = tl.load(W + start)
-        offset, twice_v = _column_anchor(tl.load(T + cols_c), tl.load(W + cols_c), start, t_b, w_b)
-        inside = (cols[None, :] >= lower[:, None]) & (cols[None, :] <= upper[:, None]) & row_mask[:, None]
-        z = _scaled_logits(rows_c, t_p, w_p, start, t_b, w_b, offset, twice_v, inside, scale)
-        p = tl.math.exp2(z).to(tl.float64) / norm[:, None]
+        _, cols_c, inside, p = _tile_weights(T, W, rows_c, t_p, w_p, lower, upper, start, n, scale, BLOCK_N)
+        inside = inside & row_mask[:, None]
+        p = p.to(tl.float64) / norm[:, None]
         out_cols = tl.load(ORDER + cols_c).to(tl.int64)
         # float64 -> fp32 first: the interpreter cannot convert float64 to bf16 directly.
         tl.store(P + out_rows[:, None] * n + out_cols[None, :], p.to(tl.float32).to(P.dtype.element_ty),
@@ -151,13 +147,7 @@ def apply_forward_kernel(
     norm = tl.zeros([BLOCK_M], tl.float64)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float64)
     for start in range(col_start, col_end, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        cols_c = tl.minimum(cols, n - 1)
-        t_b = tl.load(T + start)
-        w_b = tl.load(W + start)
-        offset, twice_v = _column_anchor(tl.load(T + cols_c), tl.load(W + cols_c), start, t_b, w_b)
-        inside = (cols[None, :] >= lower[:, None]) & (cols[None, :] <= upper[:, None])
-        p = tl.math.exp2(_scaled_logits(rows_c, t_p, w_p, start, t_b, w_b, offset, twice_v, inside, scale))
+        cols, cols_c, _, p = _tile_weights(T, W, rows_c, t_p, w_p, lower, upper, start, n, scale, BLOCK_N)
         norm += tl.sum(p.to(tl.float64), axis=1)
         x = tl.load(X + cols_c.to(tl.int64)[:, None] * d + dims[None, :],
                     mask=(cols < n)[:, None] & dim_mask[None, :], other=0.0)

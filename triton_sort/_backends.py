@@ -25,8 +25,9 @@ from torch import Tensor
 from ._columns import LOG2_E, SortedTerms, output_rows
 
 # Elements of one (B, rows, window) temporary of the PyTorch path; about six of them (float64 ones included)
-# are alive at once, so a chunk costs at most ~25 MiB whatever n is.
-CHUNK_ELEMENTS = 1 << 19
+# are alive at once, so a chunk costs at most ~15 MiB whatever n is (the extra memory stays far below the dense
+# matrix: 40 MiB at n = 16384 against 5 GiB, perf_reports/*/scaling.md).
+CHUNK_ELEMENTS = 1 << 18
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -1,9 +1,9 @@
 """Peak extra memory of forward + backward, measured, not estimated.
 
-On CPU each variant runs in a fresh Python process: after the inputs exist and a small warm-up call has loaded
-every code path, the process resets its peak resident set size (``/proc/self/clear_refs``), runs forward and
+On CPU each variant runs in a fresh Python process: after the inputs exist and a warm-up call at full size, the
+process hands freed memory back, resets its peak resident set size (``/proc/self/clear_refs``), runs forward and
 backward once, and reads the new peak (``VmHWM``). Extra memory = that peak minus the resident size before the
-call. On CUDA the same is done with ``torch.cuda.max_memory_allocated``.
+call (``peak_extra_bytes``). On CUDA the same is done with ``torch.cuda.max_memory_allocated``.
 
 ``triton-sort memory [--n 16384] [--d 1] [--tau 1.0]`` prints a table and writes
 ``perf_reports/<device>/memory.{csv,md}``.
@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
+import ctypes.util
+import gc
 import json
 import os
 import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -51,31 +55,47 @@ def _forward_backward(variant: str, scores: torch.Tensor, x: torch.Tensor, tau: 
     out.backward(torch.ones_like(out))
 
 
+def peak_extra_bytes(step: Callable[[], object]) -> int:
+    """Peak resident memory of one ``step()`` above what was resident before it, on CPU.
+
+    A first call warms up (compilation, e.g. the PyTorch path's torch.compile, and one-off buffers are not
+    counted); the memory it freed is handed back to the OS (``malloc_trim``: else the measured call would reuse it
+    unseen); then the peak resident set size is reset and the second call measured."""
+    step()
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    if libc:
+        ctypes.CDLL(libc).malloc_trim(0)
+    before = _rss_bytes()
+    _reset_peak_rss()
+    step()
+    return _rss_bytes("VmHWM") - before
+
+
 def measure(variant: str, n: int, d: int, tau: float, device: str = "cpu", seed: int = 0) -> dict:
     """Measure one variant in this process (call through ``measure_in_subprocess`` on CPU)."""
     torch.manual_seed(seed)
-    make = lambda *shape: torch.randn(*shape, device=device).requires_grad_()  # noqa: E731
-    # Warm-up: loads every code path (and compiles the PyTorch path's chunk functions) before the peak is reset.
-    warm = 64 if variant == "dense_reference" else min(n, 4096)
-    _forward_backward(variant, make(warm), make(warm, d), tau)
-    scores, x = make(n), make(n, d)
+    scores = torch.randn(n, device=device).requires_grad_()
+    x = torch.randn(n, d, device=device).requires_grad_()
+    seconds: list[float] = []
+
+    def step() -> None:
+        start = time.perf_counter()
+        _forward_backward(variant, scores, x, tau)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+
     if device == "cuda":
-        torch.cuda.synchronize()
+        step()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
+        step()
+        extra = torch.cuda.max_memory_allocated() - before
     else:
-        before = _rss_bytes()
-        _reset_peak_rss()
-    start = time.perf_counter()
-    _forward_backward(variant, scores, x, tau)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = _rss_bytes("VmHWM")
-    seconds = time.perf_counter() - start
+        extra = peak_extra_bytes(step)
     return {"variant": variant, "n": n, "d": d, "tau": tau, "device": device,
-            "extra_mib": round((peak - before) / MIB, 2), "seconds": round(seconds, 3)}
+            "extra_mib": round(extra / MIB, 2), "seconds": round(seconds[-1], 3)}
 
 
 def measure_in_subprocess(variant: str, n: int, d: int, tau: float, timeout: float = 600.0) -> dict:

@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import ctypes
-import ctypes.util
 import dataclasses
-import gc
 import importlib.util
 import math
 import os
@@ -39,7 +36,7 @@ from torch import Tensor
 
 from .. import __version__, relaxed_sort_apply, relaxed_sort_matrix
 from ..reference import dense_sort_apply
-from .memory import MIB, _reset_peak_rss, _rss_bytes, machine_description, machine_name
+from .memory import MIB, machine_description, machine_name, peak_extra_bytes
 
 PASSES = ("forward", "backward", "forward+backward")
 COLUMNS = ("variant", "pass", "n", "tau", "d", "dtype", "batch", "device", "metric", "unit", "median", "p20", "p80",
@@ -273,22 +270,16 @@ def peak_memory_in_fresh_process(variant: str, batch: int, n: int, d: int, tau: 
 
 
 def _peak_memory_here(variant: str, batch: int, n: int, d: int, tau: float, dtype: str) -> float:
-    """Run in a fresh process: a warm-up call at full size (compilation, e.g. the PyTorch path's torch.compile, and
-    one-off buffers are not counted), freed memory handed back to the OS (``malloc_trim``, else the next call
-    would reuse it unseen), then the peak resident set size of one forward + backward above what was resident."""
+    """Run in a fresh process: the peak resident set size of one forward + backward above what was resident, after
+    a warm-up call at full size (``memory.peak_extra_bytes``)."""
     forward = VARIANTS[variant].forward
-    device = torch.device("cpu")
-    scores, x = _inputs(batch, n, d, DTYPES[dtype], device)
-    out = forward(scores, x, tau)
-    _gradients(out, scores, x, torch.ones_like(out))
-    del out
-    gc.collect()
-    ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
-    before = _rss_bytes()
-    _reset_peak_rss()
-    out = forward(scores, x, tau)
-    _gradients(out, scores, x, torch.ones_like(out))
-    return round((_rss_bytes("VmHWM") - before) / MIB, 2)
+    scores, x = _inputs(batch, n, d, DTYPES[dtype], torch.device("cpu"))
+
+    def step() -> None:
+        out = forward(scores, x, tau)
+        _gradients(out, scores, x, torch.ones_like(out))
+
+    return round(peak_extra_bytes(step) / MIB, 2)
 
 
 def available_bytes(device: torch.device) -> int:
