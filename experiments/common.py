@@ -265,14 +265,11 @@ def apply_overrides(settings: object, args: argparse.Namespace) -> object:
 
 # ----------------------------------------------------------------------------------------------------- results
 def machine_description(device: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from triton_sort.bench.memory import machine_description as processor
+
     accelerator = torch.cuda.get_device_name(0) if device.startswith("cuda") else "no GPU"
-    return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {accelerator}; "
+    cpu = processor() if not torch.cuda.is_available() else f"{platform.machine()}, {os.cpu_count()} cores"
+    return (f"{cpu}, {torch.get_num_threads()} torch threads, {accelerator}; "
             f"torch {torch.__version__}, Python {platform.python_version()}")
 
 
