@@ -84,6 +84,7 @@ KERNELS: dict[str, TunableKernel] = {
     for spec in (
         TunableKernel("matrix_forward", "matrix_forward_kernel", uses_d=False, run=_matrix),
         TunableKernel("apply_forward", "apply_forward_kernel", uses_d=True, run=_apply),
+        TunableKernel("apply_delta", "apply_delta_kernel", uses_d=True, run=_apply_and_backward),
         TunableKernel("apply_backward", "apply_backward_kernel", uses_d=True, run=_apply_and_backward),
     )
 }

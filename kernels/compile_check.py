@@ -23,7 +23,7 @@ from triton.compiler import ASTSource
 
 from .configs import BLOCK_D_CHOICES, MAX_BLOCK_D, KernelConfig, candidate_configs
 from .launch import dot_precision
-from .neuralsort import apply_backward_kernel, apply_forward_kernel, matrix_forward_kernel
+from .neuralsort import apply_backward_kernel, apply_delta_kernel, apply_forward_kernel, matrix_forward_kernel
 
 VALUE_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -46,13 +46,18 @@ class CompileJob:
             return _source(matrix_forward_kernel, signature, tiles)
         constants = {**tiles, "BLOCK_D": self.block_d, "DOT_PRECISION": dot_precision(self.dtype)}
         if self.kernel == "apply_forward":
-            signature = {**sorted_terms, "X": value, "OUT": value, "OUT64": f64, "NORM": f64, "n": "i32",
-                         "d": "i32", "SCALE": f64}
+            signature = {**sorted_terms, "X": value, "OUT": value, "NORM": f64, "n": "i32", "d": "i32",
+                         "SCALE": f64}
             return _source(apply_forward_kernel, signature, constants)
+        constants["SINGLE_D_CHUNK"] = self.single_d_chunk
+        if self.kernel == "apply_delta":
+            signature = {**sorted_terms, "X": value, "G": value, "NORM": f64, "DELTA": f64, "n": "i32", "d": "i32",
+                         "SCALE": f64}
+            return _source(apply_delta_kernel, signature, constants)
         signature = {**sorted_terms, "ROW_START": i32, "ROW_END": i32, "CNT": f32, "X": value, "G": value,
                      "NORM": f64, "DELTA": f64, "DX": value, "U": f64, "R": f64, "n": "i32", "d": "i32",
                      "num_col_tiles": "i32", "SCALE": f64}
-        return _source(apply_backward_kernel, signature, {**constants, "SINGLE_D_CHUNK": self.single_d_chunk})
+        return _source(apply_backward_kernel, signature, constants)
 
     def describe(self) -> dict:
         return {"kernel": self.kernel, **self.config.as_dict(), "block_d": self.block_d,
@@ -69,12 +74,13 @@ def all_jobs() -> Iterator[CompileJob]:
         for config in candidate_configs("matrix_forward"):
             yield CompileJob("matrix_forward", config, dtype)
         for block_d in BLOCK_D_CHOICES:
-            for kernel in ("apply_forward", "apply_backward"):
+            for kernel in ("apply_forward", "apply_delta", "apply_backward"):
                 for config in candidate_configs(kernel, block_d):
                     yield CompileJob(kernel, config, dtype, block_d)
-            for config in candidate_configs("apply_backward", block_d):
-                if block_d == MAX_BLOCK_D:  # d > MAX_BLOCK_D: the backward loops over d chunks
-                    yield CompileJob("apply_backward", config, dtype, block_d, single_d_chunk=False)
+            for kernel in ("apply_delta", "apply_backward"):
+                for config in candidate_configs(kernel, block_d):
+                    if block_d == MAX_BLOCK_D:  # d > MAX_BLOCK_D: the backward loops over d chunks
+                        yield CompileJob(kernel, config, dtype, block_d, single_d_chunk=False)
 
 
 def compile_job(job: CompileJob, arch: int) -> dict:

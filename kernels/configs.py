@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-KERNEL_NAMES = ("matrix_forward", "apply_forward", "apply_backward")
+KERNEL_NAMES = ("matrix_forward", "apply_forward", "apply_delta", "apply_backward")
 
 # Wider d is split over programs (grid axis 2) so that a (BLOCK_N, BLOCK_D) tile stays in registers.
 MAX_BLOCK_D = 128
@@ -66,7 +66,7 @@ def gpu_heuristic_config(kernel: str, block_d: int = 1) -> KernelConfig:
     ``python -m triton_sort.autotune.prune``; the float64 drops and accumulators take registers)."""
     if kernel not in KERNEL_NAMES:
         raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNEL_NAMES}")
-    if block_d >= 128 or (kernel == "apply_backward" and block_d >= 64):
+    if block_d >= 128 or (kernel in ("apply_delta", "apply_backward") and block_d >= 64):
         # The (BLOCK_N, BLOCK_D) value tile and float64 accumulators leave room for a 32x32 tile only.
         return KernelConfig(block_m=32, block_n=32, num_warps=4, num_stages=2)
     return KernelConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)

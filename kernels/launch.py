@@ -10,7 +10,7 @@ import triton
 from torch import Tensor
 
 from .configs import KernelConfig, block_d_for, launch_config
-from .neuralsort import apply_backward_kernel, apply_forward_kernel, matrix_forward_kernel
+from .neuralsort import apply_backward_kernel, apply_delta_kernel, apply_forward_kernel, matrix_forward_kernel
 
 
 def kernels_interpreted() -> bool:
@@ -45,24 +45,39 @@ def matrix_forward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, order: Te
 
 
 def apply_forward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, x: Tensor, scale: float,
-                  config: KernelConfig | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Streaming P_hat @ x in sorted coordinates. x: (B, n, d) sorted ->
-    (out (B, n, d) in x.dtype, out (B, n, d) in float64, row sums (B, n) float64)."""
+                  config: KernelConfig | None = None) -> tuple[Tensor, Tensor]:
+    """Streaming P_hat @ x in sorted coordinates. x: (B, n, d) sorted -> (out (B, n, d), row sums (B, n) float64)."""
     batch, n, d = x.shape
     out = torch.empty_like(x)
-    out64 = torch.empty((batch, n, d), device=x.device, dtype=torch.float64)
     norm = torch.empty((batch, n), device=x.device, dtype=torch.float64)
     if batch == 0 or n == 0 or d == 0:
-        return out, out64, norm
+        return out, norm
     block_d = block_d_for(d)
     cfg = config or launch_config("apply_forward", n=n, d=d, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, cfg.block_m), batch, triton.cdiv(d, block_d))
     apply_forward_kernel[grid](
-        t, w, lower, upper, x, out, out64, norm, n, d, _scale_tensor(scale, x.device),
+        t, w, lower, upper, x, out, norm, n, d, _scale_tensor(scale, x.device),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, DOT_PRECISION=dot_precision(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out, out64, norm
+    return out, norm
+
+
+def apply_delta(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, x: Tensor, grad: Tensor, norm: Tensor,
+                scale: float, config: KernelConfig | None = None) -> Tensor:
+    """Row pass of the backward: Delta_p = sum_m P_pm (g_p . x_m), (B, n) float64, sorted coordinates."""
+    batch, n, d = x.shape
+    delta = torch.zeros((batch, n), device=x.device, dtype=torch.float64)
+    if batch == 0 or n == 0 or d == 0:
+        return delta
+    block_d = block_d_for(d)
+    cfg = config or launch_config("apply_delta", n=n, d=d, dtype=x.dtype, device=x.device)
+    apply_delta_kernel[(triton.cdiv(n, cfg.block_m), batch)](
+        t, w, lower, upper, x, grad, norm, delta, n, d, _scale_tensor(scale, x.device),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, DOT_PRECISION=dot_precision(x.dtype),
+        SINGLE_D_CHUNK=d <= block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return delta
 
 
 def apply_backward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, count: Tensor, x: Tensor, grad: Tensor,

@@ -4,7 +4,8 @@ All kernels work in sorted coordinates (see ``triton_sort/_columns.py``): row ``
 column ``m`` by ``exp(-D_p(m) / tau)``, ``D_p(m) = (2p - 1)(t_p - t_m) - 2 (W_p - W_m) >= 0`` with float64 sorted
 scores ``t`` and prefix sums ``W``. Its maximum is exactly 1 at ``m = p``, so the softmax needs no running max: the
 forward accumulates the row sum ``l_p`` in [1, n] and stores only it, in float64 (not its log); the backward
-recomputes tiles from it and from ``Delta_p = g_p . y_p`` (FlashAttention-2). This is attention with a scalar query
+recomputes tiles from it and from ``Delta_p = sum_m P_pm (g_p . x_m)`` (FlashAttention-2's Delta, recomputed by a
+row pass from the same tiles rather than taken from the rounded output ``y``). This is attention with a scalar query
 and key in disguise, but the logits are never formed as ``c_p t_m - b_m`` (size ``n |s| / tau``): the drop is
 computed in float64 from a tile anchor ``b`` (the tile's first column) as
 
@@ -77,6 +78,32 @@ def _tile_weights(T, W, rows, t_p, w_p, lower, upper, start, n, scale, BLOCK_N: 
 
 
 @triton.jit
+def _g_dot_x(G, X, rows, row_mask, cols, col_mask, g_own, x_own, d,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+             SINGLE_D_CHUNK: tl.constexpr):
+    """gx_pm = g_p . x_m (BLOCK_M, BLOCK_N) in float64 (a float64 ``tl.dot``: products of fp32 values are exact
+    there), over all of d. The row pass (Delta) and the column pass use it alike, so g_p . x_m - Delta_p is exact
+    to float64 even where P is nearly a permutation and it is a small difference of large terms.
+    g_own, x_own: this program's d chunk (all of d when SINGLE_D_CHUNK); other chunks are reloaded."""
+    if SINGLE_D_CHUNK:
+        if BLOCK_D == 1:
+            gx = tl.sum(g_own, axis=1).to(tl.float64)[:, None] * tl.sum(x_own, axis=1).to(tl.float64)[None, :]
+        else:
+            gx = tl.dot(g_own.to(tl.float64), tl.trans(x_own.to(tl.float64)), input_precision="ieee")
+    else:
+        gx = tl.zeros([BLOCK_M, BLOCK_N], tl.float64)
+        for d0 in range(0, d, BLOCK_D):
+            dims = d0 + tl.arange(0, BLOCK_D)
+            dim_mask = dims < d
+            g = tl.load(G + rows.to(tl.int64)[:, None] * d + dims[None, :],
+                        mask=row_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
+            x = tl.load(X + cols.to(tl.int64)[:, None] * d + dims[None, :],
+                        mask=col_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
+            gx += tl.dot(g.to(tl.float64), tl.trans(x.to(tl.float64)), input_precision="ieee")
+    return gx
+
+
+@triton.jit
 def matrix_forward_kernel(
     T, W, LOWER, UPPER, ORDER, OUT_ROW, P, n, SCALE,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -115,11 +142,10 @@ def matrix_forward_kernel(
 
 @triton.jit
 def apply_forward_kernel(
-    T, W, LOWER, UPPER, X, OUT, OUT64, NORM, n, d, SCALE,
+    T, W, LOWER, UPPER, X, OUT, NORM, n, d, SCALE,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """OUT[b, p, :] = sum_m P_pm X[b, m, :] over row p's window (also OUT64 in float64, for the backward's
-    Delta); NORM[b, p] = l_p in float64. Sorted coordinates.
+    """OUT[b, p, :] = sum_m P_pm X[b, m, :] over row p's window; NORM[b, p] = l_p in float64. Sorted coordinates.
 
     Grid (row tiles, B, d chunks). T, W: (B, n) float64; LOWER, UPPER: (B, n) int32; X, OUT: (B, n, d)."""
     pid_m = tl.program_id(0).to(tl.int64)
@@ -132,7 +158,6 @@ def apply_forward_kernel(
     UPPER += pid_b * n
     X += pid_b * n * d
     OUT += pid_b * n * d
-    OUT64 += pid_b * n * d
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n
     dims = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -157,9 +182,48 @@ def apply_forward_kernel(
     out_offsets = rows.to(tl.int64)[:, None] * d + dims[None, :]
     out_mask = row_mask[:, None] & dim_mask[None, :]
     tl.store(OUT + out_offsets, acc.to(tl.float32).to(OUT.dtype.element_ty), mask=out_mask)
-    tl.store(OUT64 + out_offsets, acc, mask=out_mask)
     if pid_d == 0:
         tl.store(NORM + pid_b * n + rows, norm, mask=row_mask)
+
+
+@triton.jit
+def apply_delta_kernel(
+    T, W, LOWER, UPPER, X, G, NORM, DELTA, n, d, SCALE,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SINGLE_D_CHUNK: tl.constexpr,
+):
+    """Row pass of the backward: DELTA[b, p] = sum_m P_pm (g_p . x_m) in float64, from the same tiles as the
+    column pass (not g_p . y_p: y carries the forward's rounding, which d_scores would feel where P is nearly a
+    permutation). One program per (row tile, batch). NORM, DELTA: (B, n) float64; X, G: (B, n, d)."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_b = tl.program_id(1).to(tl.int64)
+    scale = tl.load(SCALE)
+    T += pid_b * n
+    W += pid_b * n
+    LOWER += pid_b * n
+    UPPER += pid_b * n
+    X += pid_b * n * d
+    G += pid_b * n * d
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < n
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < d
+    rows_c, t_p, w_p, lower, upper = _load_rows(T, W, LOWER, UPPER, rows, n)
+    norm = tl.load(NORM + pid_b * n + rows_c)
+    g_own = tl.load(G + rows_c.to(tl.int64)[:, None] * d + dims[None, :],
+                    mask=row_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
+    col_start = tl.load(LOWER + pid_m * BLOCK_M)
+    col_end = tl.load(UPPER + tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, n - 1)) + 1
+    delta = tl.zeros([BLOCK_M], tl.float64)
+    for start in range(col_start, col_end, BLOCK_N):
+        cols, cols_c, _, p = _tile_weights(T, W, rows_c, t_p, w_p, lower, upper, start, n, scale, BLOCK_N)
+        col_mask = cols < n
+        x_own = tl.load(X + cols_c.to(tl.int64)[:, None] * d + dims[None, :],
+                        mask=col_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
+        gx = _g_dot_x(G, X, rows_c, row_mask, cols, col_mask, g_own, x_own, d, BLOCK_M, BLOCK_N, BLOCK_D,
+                      DOT_PRECISION, SINGLE_D_CHUNK)
+        delta += tl.sum(p.to(tl.float64) / norm[:, None] * gx, axis=1)
+    tl.store(DELTA + pid_b * n + rows, delta, mask=row_mask)
 
 
 @triton.jit
@@ -223,22 +287,8 @@ def apply_backward_kernel(
         row_offsets = rows_c.to(tl.int64)[:, None] * d
         g_own = tl.load(G + row_offsets + own_dims[None, :], mask=row_mask[:, None] & own_dim_mask[None, :],
                         other=0.0).to(tl.float32)
-        # gx_pm = g_p . x_m over all of d (other chunks are reloaded only when d spans several programs).
-        if SINGLE_D_CHUNK:
-            if BLOCK_D == 1:
-                gx = tl.sum(g_own, axis=1).to(tl.float64)[:, None] * tl.sum(x_own, axis=1).to(tl.float64)[None, :]
-            else:
-                gx = tl.dot(g_own, tl.trans(x_own), input_precision=DOT_PRECISION).to(tl.float64)
-        else:
-            gx = tl.zeros([BLOCK_M, BLOCK_N], tl.float64)
-            for d0 in range(0, d, BLOCK_D):
-                dims = d0 + tl.arange(0, BLOCK_D)
-                dim_mask = dims < d
-                g = tl.load(G + row_offsets + dims[None, :], mask=row_mask[:, None] & dim_mask[None, :],
-                            other=0.0).to(tl.float32)
-                x = tl.load(X + cols.to(tl.int64)[:, None] * d + dims[None, :],
-                            mask=col_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
-                gx += tl.dot(g, tl.trans(x), input_precision=DOT_PRECISION).to(tl.float64)
+        gx = _g_dot_x(G, X, rows_c, row_mask, cols, col_mask, g_own, x_own, d, BLOCK_M, BLOCK_N, BLOCK_D,
+                      DOT_PRECISION, SINGLE_D_CHUNK)
         dz = p64 * (gx - delta[:, None])
         coefficient = (2 * rows_c - n + 1).to(tl.float64)
         u_acc += tl.sum((coefficient[:, None] - cnt.to(tl.float64)[None, :]) * dz, axis=0)

@@ -32,8 +32,9 @@ def test_all_kernels_compile_for_sm80_and_sm90(tmp_path):
     assert {r["dtype"] for r in results} == {"fp32", "fp16", "bf16"}
     assert all(r["cubin_bytes"] > 0 for r in results)
     # A (kernel, block_d, dtype, arch) combination missing here would be launched uncompiled-checked:
-    # 2 archs x 3 dtypes x 3 candidate configs x (matrix + 5 block_d x 2 apply kernels + multi-chunk backward).
-    assert len(results) == 2 * 3 * 3 * (1 + 5 * 2 + 1)
+    # 2 archs x 3 dtypes x 3 candidate configs x (matrix + 5 block_d x 3 apply kernels + multi-chunk delta and
+    # backward).
+    assert len(results) == 2 * 3 * 3 * (1 + 5 * 3 + 2)
 
 
 def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(tmp_path):

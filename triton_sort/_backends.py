@@ -5,11 +5,12 @@ column ``m`` by ``exp(-D_p(m) / tau)`` inside its window ``[L_p, R_p]`` (0 outsi
 ``l_p >= 1``. Values and gradients arrive already permuted to sorted order (``ops`` does that). Each backend gives
 
 - ``matrix_forward``: ``P_hat`` in the caller's coordinates, ``(B, n, n)``;
-- ``apply_forward``: ``y_p = sum_m P_pm x_m`` in the values' dtype, what the backward needs of it (Triton: ``y`` in
-  float64 for ``Delta``; PyTorch: nothing, it recomputes ``Delta``) and the row sums ``l_p`` in float64 (in [1, n]:
+- ``apply_forward``: ``y_p = sum_m P_pm x_m`` in the values' dtype and the row sums ``l_p`` in float64 (in [1, n]:
   the peak weighs exactly 1, so the sums themselves are stored, not their logs);
 - ``apply_backward``: ``dx_m = sum_p P_pm g_p`` and the column sums ``u_m = sum_p (c_p - cnt_m) dz_pm``,
-  ``r_m = sum_p dz_pm`` with ``dz_pm = P_pm (g_p . x_m - Delta_p)``, ``Delta_p = g_p . y_p``, ``c_p = 2p - n + 1``.
+  ``r_m = sum_p dz_pm`` with ``dz_pm = P_pm (g_p . x_m - Delta_p)``, ``c_p = 2p - n + 1``. ``Delta_p`` (which is
+  ``g_p . y_p``) is recomputed as ``sum_m P_pm (g_p . x_m)`` from the very weights and products dz uses: where P is
+  nearly a permutation ``g_p . x_p - Delta_p`` is a small difference, exact only if both sides round alike.
 
 ``d_scores = (u - signed_sum(r)) / tau`` is assembled by the caller (MATH.md, section 4).
 """
@@ -160,7 +161,7 @@ class TorchBackend:
             out[:, out_row[p0:p1]] = block.scatter_add_(2, input_cols, weights).to(dtype)
         return out
 
-    def apply_forward(self, terms: SortedTerms, x: Tensor, tau: float) -> tuple[Tensor, Tensor, Tensor]:
+    def apply_forward(self, terms: SortedTerms, x: Tensor, tau: float) -> tuple[Tensor, Tensor]:
         work = compute_dtype(x.dtype)
         batch, n, d = x.shape
         xw = x.to(work)
@@ -169,11 +170,11 @@ class TorchBackend:
         for p0, p1, total, args in self._chunks(terms, tau, d):
             y, norm[:, p0:p1] = _chunk_function("forward", _forward_chunk, total)(*args, xw)
             out[:, p0:p1] = y.to(x.dtype)
-        return out, x.new_empty(0, dtype=torch.float64), norm
+        return out, norm
 
-    def apply_backward(self, terms: SortedTerms, x: Tensor, grad: Tensor, y: Tensor, norm: Tensor,
+    def apply_backward(self, terms: SortedTerms, x: Tensor, grad: Tensor, norm: Tensor,
                        tau: float) -> tuple[Tensor, Tensor, Tensor]:
-        """``y`` is not needed (it is empty): Delta is recomputed per chunk (see ``_backward_chunk``)."""
+        """Delta is recomputed per chunk of whole rows (see ``_backward_chunk``)."""
         work = compute_dtype(x.dtype)
         batch, n, d = x.shape
         x64, g64 = x.to(torch.float64), grad.to(torch.float64)
@@ -206,19 +207,20 @@ class TritonBackend:
         return launch.matrix_forward(**self._inputs(terms), order=terms.order.to(torch.int32),
                                      out_row=out_row, scale=LOG2_E / tau, out_dtype=dtype)
 
-    def apply_forward(self, terms: SortedTerms, x: Tensor, tau: float) -> tuple[Tensor, Tensor, Tensor]:
+    def apply_forward(self, terms: SortedTerms, x: Tensor, tau: float) -> tuple[Tensor, Tensor]:
         from .kernels import launch
 
         return launch.apply_forward(**self._inputs(terms), x=x.contiguous(), scale=LOG2_E / tau)
 
-    def apply_backward(self, terms: SortedTerms, x: Tensor, grad: Tensor, y: Tensor, norm: Tensor,
+    def apply_backward(self, terms: SortedTerms, x: Tensor, grad: Tensor, norm: Tensor,
                        tau: float) -> tuple[Tensor, Tensor, Tensor]:
+        """Two passes, as the column pass needs each row's Delta: a row pass, then the column pass."""
         from .kernels import launch
 
-        delta = (grad.to(torch.float64) * y).sum(-1).contiguous()  # y: the forward's float64 output
-        return launch.apply_backward(**self._inputs(terms), count=terms.count.float().contiguous(),
-                                     x=x.contiguous(), grad=grad.contiguous(), norm=norm, delta=delta,
-                                     scale=LOG2_E / tau)
+        x, grad = x.contiguous(), grad.contiguous()
+        delta = launch.apply_delta(**self._inputs(terms), x=x, grad=grad, norm=norm, scale=LOG2_E / tau)
+        return launch.apply_backward(**self._inputs(terms), count=terms.count.float().contiguous(), x=x, grad=grad,
+                                     norm=norm, delta=delta, scale=LOG2_E / tau)
 
 
 BACKENDS = {"torch": TorchBackend(), "triton": TritonBackend()}

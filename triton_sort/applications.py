@@ -42,12 +42,12 @@ def topk_indicator(scores: Tensor, k: int, tau: float, descending: bool, banded:
     impl = BACKENDS[backend]
     terms = sorted_terms(scores, tau, banded)
     # The backward's column pass needs the row sums, which do not depend on the values: x = 0 gives them (and
-    # y = 0, so Delta = 0 and dx is exactly P^T u; the u/r sums it also returns are zero and unused).
+    # Delta = 0, so dx is exactly P^T u; the u/r sums it also returns are zero and unused).
     # The backends work in sorted coordinates: output row i is sorted row output_rows[i].
     zeros = scores.new_zeros((*scores.shape, 1))
-    _, saved, norm = impl.apply_forward(terms, zeros, tau)
+    _, norm = impl.apply_forward(terms, zeros, tau)
     u = _first_rows(scores, output_rows(terms.n, descending, scores.device)[:k])
-    sorted_dx, _, _ = impl.apply_backward(terms, zeros, u, saved, norm, tau)
+    sorted_dx, _, _ = impl.apply_backward(terms, zeros, u, norm, tau)
     return _from_sorted(sorted_dx[..., 0], terms.order)
 
 
@@ -67,9 +67,9 @@ def _topk_backward(ctx, grad):
     # u. Its scores-gradient is that op's backward with output cotangent u, so reuse the apply ops verbatim.
     (scores,) = ctx.saved_tensors
     w = grad.to(scores.dtype).contiguous()[..., None]
-    _, saved, norm = torch.ops.triton_sort.apply(scores, w, ctx.tau, ctx.descending, False, ctx.banded, ctx.backend)
+    _, norm = torch.ops.triton_sort.apply(scores, w, ctx.tau, ctx.descending, False, ctx.banded, ctx.backend)
     u = _first_rows(scores, torch.arange(ctx.k, device=scores.device))
-    d_scores, _ = torch.ops.triton_sort.apply_backward(scores, w, u, saved, norm, ctx.tau, ctx.descending,
+    d_scores, _ = torch.ops.triton_sort.apply_backward(scores, w, u, norm, ctx.tau, ctx.descending,
                                                        ctx.banded, ctx.backend)
     return d_scores, None, None, None, None, None
 

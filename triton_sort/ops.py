@@ -46,52 +46,47 @@ def _scores_gradient(terms: SortedTerms, u: Tensor, r: Tensor, tau: float, dtype
 # ----------------------------------------------------------------------------------------- P_hat @ x (streaming)
 @torch.library.custom_op("triton_sort::apply", mutates_args=())
 def sort_apply(scores: Tensor, x: Tensor, tau: float, descending: bool, hard: bool, banded: bool,
-               backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (out, saved, norm): out = P_hat @ x (or x in exact sorted order if ``hard``); saved = what the
-    backend's backward needs of the relaxed product (Triton: it in float64, sorted order; PyTorch: empty);
-    norm = the row sums in sorted order (float64)."""
+               backend: str) -> tuple[Tensor, Tensor]:
+    """Returns (out, norm): out = P_hat @ x (or x in exact sorted order if ``hard``); norm = the row sums in sorted
+    order (float64), all the backward keeps of the forward."""
     _check_finite_scores(scores)
     terms = sorted_terms(scores, tau, banded)
-    sorted_out, saved, norm = BACKENDS[backend].apply_forward(terms, _to_sorted(x, terms.order), tau)
+    sorted_out, norm = BACKENDS[backend].apply_forward(terms, _to_sorted(x, terms.order), tau)
     if hard:
         order = hard_order(scores, descending)
-        return torch.gather(x, 1, order[..., None].expand_as(x)), saved, norm
-    return sorted_out[:, output_rows(terms.n, descending, x.device)], saved, norm
+        return torch.gather(x, 1, order[..., None].expand_as(x)), norm
+    return sorted_out[:, output_rows(terms.n, descending, x.device)], norm
 
 
 @sort_apply.register_fake
 def _(scores, x, tau, descending, hard, banded, backend):
-    saved = x.new_empty(x.shape if backend == "triton" else (0,), dtype=torch.float64)
-    return torch.empty_like(x), saved, scores.new_empty(scores.shape, dtype=torch.float64)
+    return torch.empty_like(x), scores.new_empty(scores.shape, dtype=torch.float64)
 
 
 @torch.library.custom_op("triton_sort::apply_backward", mutates_args=())
-def sort_apply_backward(scores: Tensor, x: Tensor, grad: Tensor, saved: Tensor, norm: Tensor, tau: float,
-                        descending: bool, banded: bool, backend: str) -> tuple[Tensor, Tensor]:
+def sort_apply_backward(scores: Tensor, x: Tensor, grad: Tensor, norm: Tensor, tau: float, descending: bool,
+                        banded: bool, backend: str) -> tuple[Tensor, Tensor]:
     """Gradients (d_scores (B, n), d_x (B, n, d)) of P_hat @ x, recomputing P_hat tile by tile."""
     terms = sorted_terms(scores, tau, banded)
     rows = output_rows(terms.n, descending, x.device)  # an involution: output row i <-> sorted row rows[i]
-    sorted_dx, u, r = BACKENDS[backend].apply_backward(
-        terms, _to_sorted(x, terms.order), grad[:, rows], saved, norm, tau)
+    sorted_dx, u, r = BACKENDS[backend].apply_backward(terms, _to_sorted(x, terms.order), grad[:, rows], norm, tau)
     return _scores_gradient(terms, u, r, tau, scores.dtype), _from_sorted(sorted_dx, terms.order)
 
 
 @sort_apply_backward.register_fake
-def _(scores, x, grad, saved, norm, tau, descending, banded, backend):
+def _(scores, x, grad, norm, tau, descending, banded, backend):
     return torch.empty_like(scores), torch.empty_like(x)
 
 
 def _apply_setup_context(ctx, inputs, output):
     scores, x, tau, descending, _, banded, backend = inputs
-    _, saved, norm = output
-    ctx.save_for_backward(scores, x, saved, norm)
+    ctx.save_for_backward(scores, x, output[1])
     ctx.tau, ctx.descending, ctx.banded, ctx.backend = tau, descending, banded, backend
 
 
-def _apply_backward(ctx, grad_out, grad_saved, grad_norm):
-    scores, x, saved, norm = ctx.saved_tensors
-    d_scores, d_x = sort_apply_backward(scores, x, grad_out, saved, norm, ctx.tau, ctx.descending, ctx.banded,
-                                        ctx.backend)
+def _apply_backward(ctx, grad_out, grad_norm):
+    scores, x, norm = ctx.saved_tensors
+    d_scores, d_x = sort_apply_backward(scores, x, grad_out, norm, ctx.tau, ctx.descending, ctx.banded, ctx.backend)
     return d_scores, d_x, None, None, None, None, None
 
 
