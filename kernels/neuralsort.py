@@ -56,6 +56,20 @@ def _tile_matmul(p, x, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _batch_row(T, W, LOWER, UPPER, pid_b, n):
+    """Pointers to one batch row's sorted scores, prefix sums and window bounds."""
+    offset = pid_b * n
+    return T + offset, W + offset, LOWER + offset, UPPER + offset
+
+
+@triton.jit
+def _row_tile_columns(LOWER, UPPER, pid_m, n, BLOCK_M: tl.constexpr):
+    """Columns [start, end) a row tile visits: windows move right with p, so [L of its first row, R of its last]."""
+    first_row = pid_m * BLOCK_M
+    return tl.load(LOWER + first_row), tl.load(UPPER + tl.minimum(first_row + BLOCK_M - 1, n - 1)) + 1
+
+
+@triton.jit
 def _load_rows(T, W, LOWER, UPPER, rows, n):
     """Row quantities of a row tile (rows past n are clamped to the last row and masked by the caller)."""
     rows_c = tl.minimum(rows, n - 1)
@@ -114,17 +128,13 @@ def matrix_forward_kernel(
     pid_m = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
     scale = tl.load(SCALE)  # log2(e) / tau in float64: an fp32 scale would perturb tau by 6e-8
-    T += pid_b * n
-    W += pid_b * n
-    LOWER += pid_b * n
-    UPPER += pid_b * n
+    T, W, LOWER, UPPER = _batch_row(T, W, LOWER, UPPER, pid_b, n)
     ORDER += pid_b * n
     P += pid_b * n * n
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n
     rows_c, t_p, w_p, lower, upper = _load_rows(T, W, LOWER, UPPER, rows, n)
-    col_start = tl.load(LOWER + pid_m * BLOCK_M)
-    col_end = tl.load(UPPER + tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, n - 1)) + 1
+    col_start, col_end = _row_tile_columns(LOWER, UPPER, pid_m, n, BLOCK_M)
     norm = tl.zeros([BLOCK_M], tl.float64)
     for start in range(col_start, col_end, BLOCK_N):
         _, _, _, p = _tile_weights(T, W, rows_c, t_p, w_p, lower, upper, start, n, scale, BLOCK_N)
@@ -152,10 +162,7 @@ def apply_forward_kernel(
     pid_b = tl.program_id(1).to(tl.int64)
     scale = tl.load(SCALE)  # log2(e) / tau in float64: an fp32 scale would perturb tau by 6e-8
     pid_d = tl.program_id(2).to(tl.int64)
-    T += pid_b * n
-    W += pid_b * n
-    LOWER += pid_b * n
-    UPPER += pid_b * n
+    T, W, LOWER, UPPER = _batch_row(T, W, LOWER, UPPER, pid_b, n)
     X += pid_b * n * d
     OUT += pid_b * n * d
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -163,9 +170,7 @@ def apply_forward_kernel(
     dims = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     dim_mask = dims < d
     rows_c, t_p, w_p, lower, upper = _load_rows(T, W, LOWER, UPPER, rows, n)
-    # Windows move right with p, so the tile's columns span [L of its first row, R of its last row].
-    col_start = tl.load(LOWER + pid_m * BLOCK_M)
-    col_end = tl.load(UPPER + tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, n - 1)) + 1
+    col_start, col_end = _row_tile_columns(LOWER, UPPER, pid_m, n, BLOCK_M)
 
     # Tiles are summed in fp32, tiles into float64 accumulators: the row sums' rounding would rescale whole
     # rows of the backward's dz, and d_scores sums rows whose contributions largely cancel.
@@ -198,10 +203,7 @@ def apply_delta_kernel(
     pid_m = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
     scale = tl.load(SCALE)
-    T += pid_b * n
-    W += pid_b * n
-    LOWER += pid_b * n
-    UPPER += pid_b * n
+    T, W, LOWER, UPPER = _batch_row(T, W, LOWER, UPPER, pid_b, n)
     X += pid_b * n * d
     G += pid_b * n * d
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -212,8 +214,7 @@ def apply_delta_kernel(
     norm = tl.load(NORM + pid_b * n + rows_c)
     g_own = tl.load(G + rows_c.to(tl.int64)[:, None] * d + dims[None, :],
                     mask=row_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
-    col_start = tl.load(LOWER + pid_m * BLOCK_M)
-    col_end = tl.load(UPPER + tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, n - 1)) + 1
+    col_start, col_end = _row_tile_columns(LOWER, UPPER, pid_m, n, BLOCK_M)
     delta = tl.zeros([BLOCK_M], tl.float64)
     for start in range(col_start, col_end, BLOCK_N):
         cols, cols_c, _, p = _tile_weights(T, W, rows_c, t_p, w_p, lower, upper, start, n, scale, BLOCK_N)
@@ -244,10 +245,7 @@ def apply_backward_kernel(
     pid_b = tl.program_id(1).to(tl.int64)
     scale = tl.load(SCALE)
     pid_d = tl.program_id(2).to(tl.int64)
-    T += pid_b * n
-    W += pid_b * n
-    LOWER += pid_b * n
-    UPPER += pid_b * n
+    T, W, LOWER, UPPER = _batch_row(T, W, LOWER, UPPER, pid_b, n)
     CNT += pid_b * n
     NORM += pid_b * n
     DELTA += pid_b * n
