@@ -147,6 +147,19 @@ def fixed_sequences(large: LargeMnist, count: int, n: int, seed: int) -> Sequenc
     return Sequences(*large.sample(count, n, torch.Generator().manual_seed(seed)))
 
 
+def large_mnist_splits(data: str) -> tuple[dict[str, LargeMnist], int]:
+    """Large-MNIST samplers over the disjoint, stratified train/val/test digit pools (split seed 0), and the number
+    of training digits."""
+    pools = split_digits(load_digits(data, seed=0), seed=0)
+    return {name: LargeMnist(pool) for name, pool in pools.items()}, len(pools["train"])
+
+
+def evaluation_sequences(large: dict[str, LargeMnist], settings, n: int):
+    """The fixed validation and test sequences of length n (seeds 1 and 2, the same for every method)."""
+    return (fixed_sequences(large["val"], settings.val_sequences, n, seed=1),
+            fixed_sequences(large["test"], settings.test_sequences, n, seed=2))
+
+
 # ----------------------------------------------------------------------------------------------------- models
 class LargeMnistCNN(nn.Module):
     """The paper's large-MNIST CNN: conv5x5-32, pool, conv5x5-64, pool, fc64, fc ``outputs``; applied per item.

@@ -133,12 +133,10 @@ def train_and_test(method: str, n: int, tau: float, seed: int, settings: Setting
 def run(args) -> None:
     settings = common.apply_overrides(PRESET_SETTINGS[args.preset](), args)
     start = time.perf_counter()
-    pools = common.split_digits(common.load_digits(args.data, seed=0), seed=0)
-    large = {name: common.LargeMnist(pool) for name, pool in pools.items()}
+    large, train_digits = common.large_mnist_splits(args.data)
     rows = []
     for n in settings.ns:
-        val = common.fixed_sequences(large["val"], settings.val_sequences, n, seed=1)
-        test = common.fixed_sequences(large["test"], settings.test_sequences, n, seed=2)
+        val, test = common.evaluation_sequences(large, settings, n)
         for method in METHODS:
             # tau only matters to NeuralSort; the baselines are trained once per seed.
             taus = settings.taus if method in ("neuralsort", "stochastic") else settings.taus[:1]
@@ -150,7 +148,7 @@ def run(args) -> None:
                 print(f"n={n} {method} seed={seed}: test MSE x 1e-4 {best['test_mse_1e4']:.2f} "
                       f"R^2 {best['test_r2']:.3f} (tau={best['tau']})", flush=True)
     common.write_results(args.results_dir, "median", rows,
-                         report(rows, settings, args, time.perf_counter() - start, len(pools["train"])))
+                         report(rows, settings, args, time.perf_counter() - start, train_digits))
 
 
 def report(rows: list[dict], settings: Settings, args, seconds: float, train_digits: int) -> str:
