@@ -217,10 +217,10 @@ class TritonBackend:
         """Two passes, as the column pass needs each row's Delta: a row pass, then the column pass."""
         from .kernels import launch
 
-        x, grad = x.contiguous(), grad.contiguous()
-        delta = launch.apply_delta(**self._inputs(terms), x=x, grad=grad, norm=norm, scale=LOG2_E / tau)
-        return launch.apply_backward(**self._inputs(terms), count=terms.count.float().contiguous(), x=x, grad=grad,
-                                     norm=norm, delta=delta, scale=LOG2_E / tau)
+        inputs = {**self._inputs(terms), "x": x.contiguous(), "grad": grad.contiguous(), "norm": norm,
+                  "scale": LOG2_E / tau}
+        delta = launch.apply_delta(**inputs)
+        return launch.apply_backward(**inputs, count=terms.count.float().contiguous(), delta=delta)
 
 
 BACKENDS = {"torch": TorchBackend(), "triton": TritonBackend()}

@@ -19,6 +19,7 @@ non-decreasing in ``p``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -85,13 +86,13 @@ def sorted_terms(scores: Tensor, tau: float, banded: bool = True) -> SortedTerms
     less = torch.searchsorted(t, t, right=False)
     not_greater = torch.searchsorted(t, t, right=True)
     count = (less + not_greater - n).to(torch.float64)
-    terms = SortedTerms(order, t, w, count, less, not_greater, lower=less, upper=less)
     rows = torch.arange(n, device=s.device).expand(batch, n)
-    if banded:
-        terms.lower, terms.upper = _windows(terms, rows, band_threshold(n) * tau)
-    else:
-        terms.lower, terms.upper = torch.zeros_like(rows), torch.full_like(rows, max(n - 1, 0))
-    return terms
+    full_rows = SortedTerms(order, t, w, count, less, not_greater, lower=torch.zeros_like(rows),
+                            upper=torch.full_like(rows, max(n - 1, 0)))
+    if not banded:
+        return full_rows
+    lower, upper = _windows(full_rows, rows, band_threshold(n) * tau)
+    return dataclasses.replace(full_rows, lower=lower, upper=upper)
 
 
 def _windows(terms: SortedTerms, rows: Tensor, limit: float) -> tuple[Tensor, Tensor]:
