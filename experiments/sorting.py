@@ -12,12 +12,12 @@ outputs per image, the logits of its position; 20 Sinkhorn normalisations in log
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from experiments import common
+from experiments.common import SequenceSettings
 from triton_sort import NeuralSort
 
 METHODS = ("neuralsort", "stochastic", "sinkhorn", "gumbel_sinkhorn")
@@ -32,44 +32,16 @@ PAPER = {
 }
 
 
-@dataclass
-class Settings:
-    ns: list[int]
-    steps: int
-    batch: int
-    lr: float
-    taus: list[float]
-    eval_every: int
-    val_sequences: int
-    test_sequences: int
-    samples: int = 5  # stochastic NeuralSort / Gumbel-Sinkhorn: relaxed samples per sequence, as the paper
-    sinkhorn_iterations: int = 20
-    seeds: list[int] = field(default_factory=lambda: [0])
-
-
 PRESET_SETTINGS = {
-    "smoke": lambda: Settings(ns=[3], steps=2, batch=2, lr=1e-3, taus=[1.0], eval_every=2, val_sequences=4,
-                              test_sequences=4, samples=2),
+    "smoke": lambda: SequenceSettings(ns=[3], steps=2, batch=2, lr=1e-3, taus=[1.0], eval_every=2, val_sequences=4,
+                                      test_sequences=4, samples=2),
     # lr 1e-3 instead of the paper's 1e-4: with so few steps the smaller rate has barely started.
-    "quick": lambda: Settings(ns=[3, 5, 7, 9, 15], steps=50, batch=8, lr=1e-3, taus=[1.0], eval_every=50,
-                              val_sequences=40, test_sequences=120),
-    "full": lambda: Settings(ns=[3, 5, 7, 9, 15], steps=20000, batch=20, lr=1e-4, taus=[1.0, 2.0, 4.0, 8.0, 16.0],
-                             eval_every=1000, val_sequences=1000, test_sequences=2000),
+    "quick": lambda: SequenceSettings(ns=[3, 5, 7, 9, 15], steps=50, batch=8, lr=1e-3, taus=[1.0], eval_every=50,
+                                      val_sequences=40, test_sequences=120),
+    "full": lambda: SequenceSettings(ns=[3, 5, 7, 9, 15], steps=20000, batch=20, lr=1e-4,
+                                     taus=[1.0, 2.0, 4.0, 8.0, 16.0], eval_every=1000, val_sequences=1000,
+                                     test_sequences=2000),
 }
-
-
-def gumbel_like(tensor: Tensor) -> Tensor:
-    finfo = torch.finfo(tensor.dtype)
-    uniform = torch.rand_like(tensor).clamp(finfo.tiny, 1 - finfo.eps)
-    return -torch.log(-torch.log(uniform))
-
-
-def log_sinkhorn(log_alpha: Tensor, iterations: int) -> Tensor:
-    """Log of the Sinkhorn normalisation of ``exp(log_alpha)`` (..., n, n): rows then columns, in log space."""
-    for _ in range(iterations):
-        log_alpha = log_alpha - torch.logsumexp(log_alpha, dim=-1, keepdim=True)
-        log_alpha = log_alpha - torch.logsumexp(log_alpha, dim=-2, keepdim=True)
-    return log_alpha
 
 
 def true_order(numbers: Tensor) -> Tensor:
@@ -92,7 +64,7 @@ def order_metrics(predicted: Tensor, numbers: Tensor) -> tuple[float, float]:
 class Sorter:
     """One method: its network, training loss and predicted order."""
 
-    def __init__(self, method: str, n: int, tau: float, settings: Settings, device: str) -> None:
+    def __init__(self, method: str, n: int, tau: float, settings: SequenceSettings, device: str) -> None:
         self.method, self.tau, self.settings = method, tau, settings
         neural = method in ("neuralsort", "stochastic")
         self.model = common.LargeMnistCNN(1 if neural else n).to(device)
@@ -110,8 +82,8 @@ class Sorter:
             return permutation_cross_entropy(p_hat.clamp_min(1e-300).log(), order)
         log_alpha = out.transpose(-1, -2)  # (B, positions, items)
         if self.method == "gumbel_sinkhorn":
-            log_alpha = log_alpha + gumbel_like(log_alpha.expand(samples, *log_alpha.shape))
-        return permutation_cross_entropy(log_sinkhorn(log_alpha / self.tau, self.settings.sinkhorn_iterations),
+            log_alpha = log_alpha + common.gumbel_like(log_alpha.expand(samples, *log_alpha.shape))
+        return permutation_cross_entropy(common.log_sinkhorn(log_alpha / self.tau, self.settings.sinkhorn_iterations),
                                          order)
 
     @torch.no_grad()
@@ -120,7 +92,7 @@ class Sorter:
         if self.method in ("neuralsort", "stochastic"):
             return true_order(out)  # the sort of the scores (the Plackett-Luce mode)
         # Each position's most likely item (no Hungarian matching: a repeated item simply counts as wrong).
-        return log_sinkhorn(out.transpose(-1, -2) / self.tau, self.settings.sinkhorn_iterations).argmax(-1)
+        return common.log_sinkhorn(out.transpose(-1, -2) / self.tau, self.settings.sinkhorn_iterations).argmax(-1)
 
     def evaluate(self, sequences: common.Sequences, device: str) -> tuple[float, float]:
         self.model.eval()
@@ -128,7 +100,7 @@ class Sorter:
         return order_metrics(predicted, sequences.numbers)
 
 
-def train_and_test(method: str, n: int, tau: float, seed: int, settings: Settings, train: common.LargeMnist,
+def train_and_test(method: str, n: int, tau: float, seed: int, settings: SequenceSettings, train: common.LargeMnist,
                    val: common.Sequences, test: common.Sequences, device: str) -> dict:
     """One run: train on fresh sequences, keep the best validation checkpoint, score it on the test set."""
     generator = common.seed_everything(seed)
@@ -168,7 +140,7 @@ def run(args) -> None:
                          report(rows, settings, args, time.perf_counter() - start, train_digits))
 
 
-def report(rows: list[dict], settings: Settings, args, seconds: float, train_digits: int) -> str:
+def report(rows: list[dict], settings: SequenceSettings, args, seconds: float, train_digits: int) -> str:
     lines = ["# Large-MNIST sorting (Table 1 of Grover et al., 2019)", "",
              "Test exact-all (exact-one), ours beside the paper's; the tau of each run chosen on validation.", "",
              common.settings_lines(settings, args, seconds), ""]
@@ -185,7 +157,7 @@ def report(rows: list[dict], settings: Settings, args, seconds: float, train_dig
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = common.base_parser(__doc__.splitlines()[0])
+    parser = common.base_parser(__doc__.splitlines()[0], overridable=("ns",))
     parser.set_defaults(script="sorting")
     run(parser.parse_args(argv))
 
