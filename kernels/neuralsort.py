@@ -95,15 +95,18 @@ def _tile_weights(T, W, rows, t_p, w_p, lower, upper, start, n, scale, BLOCK_N: 
 def _g_dot_x(G, X, rows, row_mask, cols, col_mask, g_own, x_own, d,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
              SINGLE_D_CHUNK: tl.constexpr):
-    """gx_pm = g_p . x_m (BLOCK_M, BLOCK_N) in float64 (a float64 ``tl.dot``: products of fp32 values are exact
-    there), over all of d. The row pass (Delta) and the column pass use it alike, so g_p . x_m - Delta_p is exact
-    to float64 even where P is nearly a permutation and it is a small difference of large terms.
+    """gx_pm = g_p . x_m (BLOCK_M, BLOCK_N) in float64, over all of d. The row pass (Delta) and the column pass use
+    it alike, so g_p . x_m - Delta_p is exact to float64 even where P is nearly a permutation and it is a small
+    difference of large terms. fp32 values take a float64 ``tl.dot`` (their products are exact there); fp16/bf16
+    values an IEEE fp32 one, whose products are exact too (11 + 11 mantissa bits fit fp32's 24) and whose
+    accumulation error is far below 16-bit outputs' rounding: Triton 3.6 cannot lower a float64 dot whose operands
+    were loaded as 16-bit ("fp64 don't support largeK MMA").
     g_own, x_own: this program's d chunk (all of d when SINGLE_D_CHUNK); other chunks are reloaded."""
     if SINGLE_D_CHUNK:
         if BLOCK_D == 1:
             gx = tl.sum(g_own, axis=1).to(tl.float64)[:, None] * tl.sum(x_own, axis=1).to(tl.float64)[None, :]
         else:
-            gx = tl.dot(g_own.to(tl.float64), tl.trans(x_own.to(tl.float64)), input_precision="ieee")
+            gx = _dot_f64(g_own, x_own, X.dtype.element_ty)
     else:
         gx = tl.zeros([BLOCK_M, BLOCK_N], tl.float64)
         for d0 in range(0, d, BLOCK_D):
@@ -113,8 +116,17 @@ def _g_dot_x(G, X, rows, row_mask, cols, col_mask, g_own, x_own, d,
                         mask=row_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
             x = tl.load(X + cols.to(tl.int64)[:, None] * d + dims[None, :],
                         mask=col_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
-            gx += tl.dot(g.to(tl.float64), tl.trans(x.to(tl.float64)), input_precision="ieee")
+            gx += _dot_f64(g, x, X.dtype.element_ty)
     return gx
+
+
+@triton.jit
+def _dot_f64(g, x, VALUE_DTYPE: tl.constexpr):
+    """g @ x^T in float64 for fp32 ``g``, ``x`` that hold VALUE_DTYPE values (see ``_g_dot_x``)."""
+    if VALUE_DTYPE == tl.float32:
+        return tl.dot(g.to(tl.float64), tl.trans(x.to(tl.float64)), input_precision="ieee")
+    else:
+        return tl.dot(g, tl.trans(x), input_precision="ieee").to(tl.float64)
 
 
 @triton.jit
