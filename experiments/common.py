@@ -216,13 +216,6 @@ class EmbeddingCNN(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ Sinkhorn baselines
-def gumbel_like(tensor: Tensor) -> Tensor:
-    """Standard Gumbel noise of ``tensor``'s shape, dtype and device."""
-    finfo = torch.finfo(tensor.dtype)
-    uniform = torch.rand_like(tensor).clamp(finfo.tiny, 1 - finfo.eps)
-    return -torch.log(-torch.log(uniform))
-
-
 def log_sinkhorn(log_alpha: Tensor, iterations: int) -> Tensor:
     """Log of the Sinkhorn normalisation of ``exp(log_alpha)`` (..., n, n): rows then columns, in log space."""
     for _ in range(iterations):
@@ -290,6 +283,33 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed)  # noqa: NPY002  (seeding the legacy global state is the point)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def run_sequence_experiment(args: argparse.Namespace, presets: dict[str, Callable[[], SequenceSettings]], name: str,
+                            methods: Sequence[str], train_and_test: Callable[..., dict], *,
+                            validation_key: Callable[[dict], object], summary: Callable[[dict], str],
+                            report: Callable[[list[dict], SequenceSettings, argparse.Namespace, float, int], str],
+                            tau_methods: Sequence[str] | None = None) -> None:
+    """The grid of the large-MNIST experiments: for each n, method and seed, one run per tau (only the first tau for
+    methods outside ``tau_methods``, all when it is None), ``train_and_test(method, n, tau, seed, settings, train,
+    val, test, device) -> row``; the run with the highest ``validation_key(row)`` is marked selected. Prints
+    ``summary`` of each selected run and writes ``results_dir/name.{csv,md}`` (``report`` gives the markdown)."""
+    settings = apply_overrides(presets[args.preset](), args)
+    start = time.perf_counter()
+    large, train_digits = large_mnist_splits(args.data)
+    rows = []
+    for n in settings.ns:
+        val, test = evaluation_sequences(large, settings, n)
+        for method in methods:
+            taus = settings.taus if tau_methods is None or method in tau_methods else settings.taus[:1]
+            for seed in settings.seeds:
+                runs = [train_and_test(method, n, tau, seed, settings, large["train"], val, test, args.device)
+                        for tau in taus]
+                best = max(runs, key=validation_key)
+                rows += [{**row, "selected": row is best} for row in runs]
+                print(f"n={n} {method} seed={seed}: {summary(best)} (tau={best['tau']})", flush=True)
+    write_results(args.results_dir, name, rows, report(rows, settings, args, time.perf_counter() - start,
+                                                       train_digits))
 
 
 # ------------------------------------------------------------------------------------------------ command line

@@ -90,9 +90,10 @@ class MedianModel(nn.Module):
                 scores = PlackettLuce(scores).perturbed_logits((samples,))
             return relaxed_quantile(scores.reshape(-1, scores.shape[-1]), values.flatten(0, 1), 0.5,
                                     self.tau).unflatten(0, values.shape[:2])
-        log_alpha = scores.transpose(-1, -2).expand(samples, -1, -1, -1)  # (S, B, positions, items)
-        if self.method == "gumbel_sinkhorn":
-            log_alpha = log_alpha + common.gumbel_like(log_alpha)
+        log_alpha = scores.transpose(-1, -2)  # (B, positions, items)
+        # (S, B, positions, items): Gumbel-Sinkhorn perturbs the logits with fresh Gumbel noise for each sample.
+        log_alpha = (PlackettLuce(log_alpha).perturbed_logits((samples,)) if self.method == "gumbel_sinkhorn"
+                     else log_alpha[None])
         p_hat = common.log_sinkhorn(log_alpha / self.tau, self.settings.sinkhorn_iterations).exp()
         return (p_hat[..., p_hat.shape[-2] // 2, :] * values).sum(-1)  # n is odd: the middle position
 
@@ -142,24 +143,11 @@ def train_and_test(method: str, n: int, tau: float, seed: int, settings: Sequenc
 
 
 def run(args) -> None:
-    settings = common.apply_overrides(PRESET_SETTINGS[args.preset](), args)
-    start = time.perf_counter()
-    large, train_digits = common.large_mnist_splits(args.data)
-    rows = []
-    for n in settings.ns:
-        val, test = common.evaluation_sequences(large, settings, n)
-        for method in METHODS:
-            # tau only matters to NeuralSort; the baselines are trained once per seed.
-            taus = settings.taus if method in SORTING_METHODS else settings.taus[:1]
-            for seed in settings.seeds:
-                runs = [train_and_test(method, n, tau, seed, settings, large["train"], val, test, args.device)
-                        for tau in taus]
-                best = min(runs, key=lambda row: row["val_mse_1e4"])
-                rows += [{**row, "selected": row is best} for row in runs]
-                print(f"n={n} {method} seed={seed}: test MSE x 1e-4 {best['test_mse_1e4']:.2f} "
-                      f"R^2 {best['test_r2']:.3f} (tau={best['tau']})", flush=True)
-    common.write_results(args.results_dir, "median", rows,
-                         report(rows, settings, args, time.perf_counter() - start, train_digits))
+    # tau only matters to the relaxed sorts; the baselines are trained once per seed.
+    common.run_sequence_experiment(
+        args, PRESET_SETTINGS, "median", METHODS, train_and_test, tau_methods=SORTING_METHODS, report=report,
+        validation_key=lambda row: -row["val_mse_1e4"],
+        summary=lambda best: f"test MSE x 1e-4 {best['test_mse_1e4']:.2f} R^2 {best['test_r2']:.3f}")
 
 
 def report(rows: list[dict], settings: SequenceSettings, args, seconds: float, train_digits: int) -> str:

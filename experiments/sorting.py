@@ -18,7 +18,7 @@ from torch import Tensor
 
 from experiments import common
 from experiments.common import SequenceSettings
-from triton_sort import NeuralSort
+from triton_sort import NeuralSort, PlackettLuce
 
 METHODS = ("neuralsort", "stochastic", "sinkhorn", "gumbel_sinkhorn")
 LABELS = {"neuralsort": "Deterministic NeuralSort", "stochastic": "Stochastic NeuralSort",
@@ -83,7 +83,7 @@ class Sorter:
             return permutation_cross_entropy(p_hat.clamp_min(1e-300).log(), order)
         log_alpha = out.transpose(-1, -2)  # (B, positions, items)
         if self.method == "gumbel_sinkhorn":
-            log_alpha = log_alpha + common.gumbel_like(log_alpha.expand(samples, *log_alpha.shape))
+            log_alpha = PlackettLuce(log_alpha).perturbed_logits((samples,))  # Gumbel noise per sample
         return permutation_cross_entropy(common.log_sinkhorn(log_alpha / self.tau, self.settings.sinkhorn_iterations),
                                          order)
 
@@ -124,22 +124,10 @@ def train_and_test(method: str, n: int, tau: float, seed: int, settings: Sequenc
 
 
 def run(args) -> None:
-    settings = common.apply_overrides(PRESET_SETTINGS[args.preset](), args)
-    start = time.perf_counter()
-    large, train_digits = common.large_mnist_splits(args.data)
-    rows = []
-    for n in settings.ns:
-        val, test = common.evaluation_sequences(large, settings, n)
-        for method in METHODS:
-            for seed in settings.seeds:
-                runs = [train_and_test(method, n, tau, seed, settings, large["train"], val, test, args.device)
-                        for tau in settings.taus]
-                best = max(runs, key=lambda row: (row["val_exact_all"], row["val_exact_one"]))
-                rows += [{**row, "selected": row is best} for row in runs]
-                print(f"n={n} {method} seed={seed}: test exact-all {best['test_exact_all']:.3f} "
-                      f"exact-one {best['test_exact_one']:.3f} (tau={best['tau']})", flush=True)
-    common.write_results(args.results_dir, "sorting", rows,
-                         report(rows, settings, args, time.perf_counter() - start, train_digits))
+    common.run_sequence_experiment(
+        args, PRESET_SETTINGS, "sorting", METHODS, train_and_test, report=report,
+        validation_key=lambda row: (row["val_exact_all"], row["val_exact_one"]),
+        summary=lambda best: f"test exact-all {best['test_exact_all']:.3f} exact-one {best['test_exact_one']:.3f}")
 
 
 def report(rows: list[dict], settings: SequenceSettings, args, seconds: float, train_digits: int) -> str:
