@@ -122,7 +122,8 @@ def _g_dot_x(G, X, rows, row_mask, cols, col_mask, g_own, x_own, d,
 
 @triton.jit
 def _dot_f64(g, x, VALUE_DTYPE: tl.constexpr):
-    """g @ x^T in float64 for fp32 ``g``, ``x`` that hold VALUE_DTYPE values (see ``_g_dot_x``)."""
+    """g @ x^T in float64 for fp32 ``g``, ``x`` that hold VALUE_DTYPE values (see ``_g_dot_x``). G has X's dtype:
+    autograd hands the custom op the gradient in its output's dtype, which is x's."""
     if VALUE_DTYPE == tl.float32:
         return tl.dot(g.to(tl.float64), tl.trans(x.to(tl.float64)), input_precision="ieee")
     else:
