@@ -23,11 +23,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-def _scale_tensor(scale: float, device: torch.device) -> Tensor:
-    return torch.tensor([scale], dtype=torch.float64, device=device)
-
-
-def matrix_forward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, order: Tensor, out_row: Tensor, scale: float,
+def matrix_forward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, order: Tensor, out_row: Tensor, scale: Tensor,
                    out_dtype: torch.dtype, config: KernelConfig | None = None) -> Tensor:
     """Relaxed permutation matrices in the caller's coordinates: P[b, out_row[p], order[b, m]] for the window
     entries, 0 elsewhere. t, w: (B, n) float64 (sorted, prefix sums); lower, upper, order: (B, n) int32."""
@@ -38,13 +34,13 @@ def matrix_forward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, order: Te
     cfg = config or launch_config("matrix_forward", n=n, d=1, dtype=out_dtype, device=t.device)
     grid = (triton.cdiv(n, cfg.block_m), batch)
     matrix_forward_kernel[grid](
-        t, w, lower, upper, order, out_row, out, n, _scale_tensor(scale, t.device),
+        t, w, lower, upper, order, out_row, out, n, scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
 
-def apply_forward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, x: Tensor, scale: float,
+def apply_forward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, x: Tensor, scale: Tensor,
                   config: KernelConfig | None = None) -> tuple[Tensor, Tensor]:
     """Streaming P_hat @ x in sorted coordinates. x: (B, n, d) sorted -> (out (B, n, d), row sums (B, n) float64)."""
     batch, n, d = x.shape
@@ -56,7 +52,7 @@ def apply_forward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, x: Tensor,
     cfg = config or launch_config("apply_forward", n=n, d=d, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, cfg.block_m), batch, triton.cdiv(d, block_d))
     apply_forward_kernel[grid](
-        t, w, lower, upper, x, out, norm, n, d, _scale_tensor(scale, x.device),
+        t, w, lower, upper, x, out, norm, n, d, scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, DOT_PRECISION=dot_precision(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -64,7 +60,7 @@ def apply_forward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, x: Tensor,
 
 
 def apply_delta(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, x: Tensor, grad: Tensor, norm: Tensor,
-                scale: float, config: KernelConfig | None = None) -> Tensor:
+                scale: Tensor, config: KernelConfig | None = None) -> Tensor:
     """Row pass of the backward: Delta_p = sum_m P_pm (g_p . x_m), (B, n) float64, sorted coordinates."""
     batch, n, d = x.shape
     delta = torch.zeros((batch, n), device=x.device, dtype=torch.float64)
@@ -73,7 +69,7 @@ def apply_delta(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, x: Tensor, g
     block_d = block_d_for(d)
     cfg = config or launch_config("apply_delta", n=n, d=d, dtype=x.dtype, device=x.device)
     apply_delta_kernel[(triton.cdiv(n, cfg.block_m), batch)](
-        t, w, lower, upper, x, grad, norm, delta, n, d, _scale_tensor(scale, x.device),
+        t, w, lower, upper, x, grad, norm, delta, n, d, scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, DOT_PRECISION=dot_precision(x.dtype),
         SINGLE_D_CHUNK=d <= block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -81,7 +77,7 @@ def apply_delta(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, x: Tensor, g
 
 
 def apply_backward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, count: Tensor, x: Tensor, grad: Tensor,
-                   norm: Tensor, delta: Tensor, scale: float,
+                   norm: Tensor, delta: Tensor, scale: Tensor,
                    config: KernelConfig | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Column pass of the backward in sorted coordinates; norm, delta float64.
     Returns (dx (B, n, d) in x.dtype, u (B, n) float64, r (B, n) float64)."""
@@ -101,7 +97,7 @@ def apply_backward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, count: Te
     grid = (tile_first.shape[1], batch, triton.cdiv(d, block_d))
     apply_backward_kernel[grid](
         t, w, lower, upper, row_start, row_end, count, x, grad, norm, delta, dx, u, r, n, d,
-        tile_first.shape[1], _scale_tensor(scale, x.device),
+        tile_first.shape[1], scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, DOT_PRECISION=dot_precision(x.dtype),
         SINGLE_D_CHUNK=d <= block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

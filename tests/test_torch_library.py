@@ -16,33 +16,40 @@ def _dtype_for(backend: str) -> torch.dtype:
     return torch.float64 if backend == "torch" else torch.float32
 
 
+def _tau(value: float = 0.5, requires_grad: bool = False) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float64, device=DEVICE, requires_grad=requires_grad)
+
+
 @pytest.mark.parametrize(("hard", "banded"), [(False, True), (True, True), (False, False)])
 def test_opcheck_apply(backend, hard, banded):
     dtype = _dtype_for(backend)
     scores = torch.randn(2, 9, dtype=dtype, device=DEVICE, requires_grad=True)
     x = torch.randn(2, 9, 3, dtype=dtype, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(torch.ops.triton_sort.apply.default, (scores, x, 0.5, True, hard, banded, backend),
+    torch.library.opcheck(torch.ops.triton_sort.apply.default, (scores, x, _tau(requires_grad=True), True, hard,
+                                                                 banded, backend),
                           test_utils=OPCHECK_TESTS)
 
 
 @pytest.mark.parametrize(("hard", "banded"), [(False, True), (True, True), (False, False)])
 def test_opcheck_matrix(backend, hard, banded):
     scores = torch.randn(2, 9, dtype=_dtype_for(backend), device=DEVICE, requires_grad=True)
-    torch.library.opcheck(torch.ops.triton_sort.matrix.default, (scores, 0.5, False, hard, banded, backend),
+    torch.library.opcheck(torch.ops.triton_sort.matrix.default, (scores, _tau(requires_grad=True), False, hard,
+                                                                  banded, backend),
                           test_utils=OPCHECK_TESTS)
 
 
-def test_opcheck_backward_ops(backend):
+@pytest.mark.parametrize("need_tau", [False, True])
+def test_opcheck_backward_ops(backend, need_tau):
     dtype = _dtype_for(backend)
     scores = torch.randn(2, 9, dtype=dtype, device=DEVICE)
     x = torch.randn(2, 9, 3, dtype=dtype, device=DEVICE)
-    out, norm = torch.ops.triton_sort.apply(scores, x, 0.5, True, False, True, backend)
+    out, norm, *terms = torch.ops.triton_sort.apply(scores, x, _tau(), True, False, True, backend)
     torch.library.opcheck(torch.ops.triton_sort.apply_backward.default,
-                          (scores, x, torch.randn_like(out), norm, 0.5, True, True, backend),
+                          (x, torch.randn_like(out), norm, _tau(), *terms, True, True, backend, need_tau),
                           test_utils=("test_schema", "test_faketensor"))
-    soft = torch.ops.triton_sort.matrix(scores, 0.5, True, False, True, backend)
+    soft, *terms = torch.ops.triton_sort.matrix(scores, _tau(), True, False, True, backend)
     torch.library.opcheck(torch.ops.triton_sort.matrix_backward.default,
-                          (scores, torch.randn_like(soft), soft, 0.5, True),
+                          (torch.randn_like(soft), soft, _tau(), *terms[:6], True, need_tau),
                           test_utils=("test_schema", "test_faketensor"))
 
 

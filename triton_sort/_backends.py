@@ -23,7 +23,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from ._columns import LOG2_E, SortedTerms, output_rows
+from ._columns import LOG2_E, SortedTerms, band_threshold, output_rows, positions, signed_sum, sorted_terms
 
 # Elements of one (B, rows, window) temporary of the PyTorch path; about six of them (float64 ones included)
 # are alive at once, so a chunk costs at most ~15 MiB whatever n is (the extra memory stays far below the dense
@@ -37,13 +37,15 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _band_weights(t: Tensor, w: Tensor, t_rows: Tensor, w_rows: Tensor, lower_rows: Tensor, upper_rows: Tensor,
-                  rows: Tensor, offsets: Tensor, neg_inv_tau: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+                  rows: Tensor, offsets: Tensor, neg_inv_tau: Tensor, dtype: torch.dtype,
+                  keep_drop: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
     """exp(-D_p(m) / tau) for a chunk of rows, each over its own window m = L_p + offsets (0 past R_p).
 
     t, w: (B, n) float64; *_rows: (B, rows); rows: (rows,) float64 positions p; offsets: (width,).
-    Returns (weights (B, rows, width) of ``dtype``, columns (B, rows, width) clamped to n - 1). Drops are
-    differences of float64 prefix sums, so they are formed in float64; the weights' exponent is rounded to
-    ``dtype`` (fp32: a relative error of |D / tau| * 2^-24, below 1e-7 for every weight above 1e-3)."""
+    Returns (weights (B, rows, width) of ``dtype``, columns (B, rows, width) clamped to n - 1, and the float64 drops
+    D_p(m) if ``keep_drop``, for the tau gradient). Drops are differences of float64 prefix sums, so they are formed
+    in float64; the weights' exponent is rounded to ``dtype`` (fp32: a relative error of |D / tau| * 2^-24, below
+    1e-7 for every weight above 1e-3)."""
     cols = lower_rows[..., None] + offsets
     inside = cols <= upper_rows[..., None]
     cols = cols.clamp(max=t.shape[1] - 1)
@@ -53,7 +55,9 @@ def _band_weights(t: Tensor, w: Tensor, t_rows: Tensor, w_rows: Tensor, lower_ro
     # In place: the eager path is bound by memory passes over these (B, rows, width) temporaries.
     drop = t_m.neg_().add_(t_rows[..., None]).mul_((2 * rows - 1)[None, :, None])  # (2p - 1)(t_p - t_m)
     drop.sub_(w_m.neg_().add_(w_rows[..., None]).mul_(2))  # - 2 (W_p - W_m)
-    return drop.mul_(neg_inv_tau).masked_fill_(~inside, float("-inf")).to(dtype).exp_(), cols
+    logits = drop.mul(neg_inv_tau) if keep_drop else drop.mul_(neg_inv_tau)
+    weights = logits.masked_fill_(~inside, float("-inf")).to(dtype).exp_()
+    return weights, cols, (drop if keep_drop else None)
 
 
 def _gather_rows(values: Tensor, cols: Tensor) -> Tensor:
@@ -64,8 +68,8 @@ def _gather_rows(values: Tensor, cols: Tensor) -> Tensor:
 
 def _forward_chunk(t, w, t_rows, w_rows, lower_rows, upper_rows, rows, offsets, neg_inv_tau, x):
     """(y (B, rows, d), row sums (B, rows)) of a chunk of rows; x (B, n, d) in the compute dtype."""
-    weights, cols = _band_weights(t, w, t_rows, w_rows, lower_rows, upper_rows, rows, offsets, neg_inv_tau,
-                                  x.dtype)
+    weights, cols, _ = _band_weights(t, w, t_rows, w_rows, lower_rows, upper_rows, rows, offsets, neg_inv_tau,
+                                     x.dtype)
     # The row sums are kept in float64: a row's rounding error rescales all of its dz in the backward, and
     # d_scores is a sum over rows whose contributions largely cancel.
     norm = weights.sum(-1, dtype=torch.float64)
@@ -73,14 +77,16 @@ def _forward_chunk(t, w, t_rows, w_rows, lower_rows, upper_rows, rows, offsets, 
 
 
 def _backward_chunk(t, w, t_rows, w_rows, lower_rows, upper_rows, rows, offsets, neg_inv_tau, x, g_rows,
-                    norm_rows, count, dtype: torch.dtype):
+                    norm_rows, count, dtype: torch.dtype, need_tau: bool):
     """Column contributions of a chunk of rows: (columns (B, rows * width), P^T g terms (B, rows * width, d),
-    dz (B, rows * width), (c_p - cnt_m) dz (B, rows * width)), in float64.
+    dz (B, rows * width), (c_p - cnt_m) dz (B, rows * width), sum_pm dz_pm D_p(m) per batch row (B,) or None),
+    in float64.
 
     Each chunk holds whole rows, so Delta_p = sum_m P_pm (g_p . x_m) is recomputed from the very weights it
     goes with (each row of dz sums to 0) and the small differences g_p . x_m - Delta_p are formed in float64:
     where P is nearly a permutation they cancel, and d_scores would otherwise carry fp32 rounding."""
-    weights, cols = _band_weights(t, w, t_rows, w_rows, lower_rows, upper_rows, rows, offsets, neg_inv_tau, dtype)
+    weights, cols, drop = _band_weights(t, w, t_rows, w_rows, lower_rows, upper_rows, rows, offsets, neg_inv_tau,
+                                        dtype, keep_drop=need_tau)
     p = weights.to(torch.float64) / norm_rows[..., None]
     gx = (g_rows[:, :, None, :] * _gather_rows(x, cols)).sum(-1)
     dz = p * (gx - (p * gx).sum(-1, keepdim=True))
@@ -88,7 +94,9 @@ def _backward_chunk(t, w, t_rows, w_rows, lower_rows, upper_rows, rows, offsets,
     # Centred form: c_p - cnt_m is small near the peak, so no two large sums cancel.
     centred = (2 * rows - (t.shape[1] - 1))[None, :, None] - torch.gather(count, 1, flat).view_as(cols)
     batch, d = g_rows.shape[0], g_rows.shape[-1]
-    return flat, (p[..., None] * g_rows[:, :, None, :]).view(batch, -1, d), dz.flatten(1), (dz * centred).flatten(1)
+    tau_terms = (dz * drop).sum((1, 2)) if need_tau else None
+    return (flat, (p[..., None] * g_rows[:, :, None, :]).view(batch, -1, d), dz.flatten(1),
+            (dz * centred).flatten(1), tau_terms)
 
 
 # Problems with at least this many (row, column) pairs in their windows run their chunks through torch.compile:
@@ -120,74 +128,166 @@ def _fallback_on_error(compiled, eager, name: str):
     return run
 
 
-class TorchBackend:
-    """Row-chunked PyTorch path: O(B * n * d + chunk) memory, no autograd graph over the temporaries.
+def to_sorted(values: Tensor, order: Tensor) -> Tensor:
+    """(B, n, ...) in input order -> sorted order."""
+    index = order.reshape(*order.shape, *([1] * (values.dim() - 2))).expand_as(values)
+    return torch.gather(values, 1, index)
 
-    Each row gathers exactly its own window, so the work is n * (mean window), not a rectangle per block."""
+
+def from_sorted(values: Tensor, order: Tensor) -> Tensor:
+    """(B, n, ...) in sorted order -> input order."""
+    index = order.reshape(*order.shape, *([1] * (values.dim() - 2))).expand_as(values)
+    return torch.empty_like(values).scatter_(1, index, values)
+
+
+def rows_to_output(values: Tensor, descending: bool) -> Tensor:
+    """(B, n, ...) indexed by sorted row p -> by output row i (descending: i = n - 1 - p). An involution."""
+    return values.flip(1) if descending else values
+
+
+# Problems with at most this many (batch, row, column) entries are evaluated in one go, densely in sorted
+# coordinates: a fixed, small number of operations whatever n is (no windows, no chunks, no host
+# synchronisation), where the per-call overhead, not the O(n^2) work, is what costs. 2^22 entries keep each float64
+# temporary at 32 MiB; above it the banded, row-chunked path runs in O(B n d) extra memory.
+DENSE_ELEMENTS = 1 << 22
+
+
+def _dense_weights(terms: SortedTerms, tau: Tensor, banded: bool, dtype: torch.dtype,
+                   keep_drop: bool = False) -> tuple[Tensor, Tensor | None]:
+    """exp(-D_p(m) / tau) for every (p, m), (B, n, n) of ``dtype`` (0 past the band's threshold when ``banded``,
+    exactly like the windows of the chunked path), and the float64 drops if ``keep_drop``."""
+    t, w, n = terms.t, terms.w, terms.n
+    drop = (t[:, :, None] - t[:, None, :]).mul_(positions(n, t.device, 2, -1)[:, None])
+    drop.sub_((w[:, :, None] - w[:, None, :]).mul_(2))
+    outside = drop > band_threshold(n) * tau if banded else None
+    logits = drop.div(tau) if keep_drop else drop.div_(tau)
+    logits.neg_()
+    if outside is not None:
+        logits.masked_fill_(outside, float("-inf"))
+    return logits.to(dtype).exp_(), (drop if keep_drop else None)
+
+
+def signed_sum_gradient(terms: SortedTerms, u: Tensor, r: Tensor, tau: Tensor, dtype: torch.dtype) -> Tensor:
+    """d_scores = (u_m - sum_k sign(t_m - t_k) r_k) / tau in sorted order (MATH.md, section 4), to input order."""
+    return from_sorted((u - signed_sum(terms, r)).div_(tau), terms.order).to(dtype)
+
+
+class TorchBackend:
+    """PyTorch path: small problems in one go (``DENSE_ELEMENTS``), larger ones row-chunked in O(B * n * d + chunk)
+    memory with no autograd graph over the temporaries. Each row of a chunk gathers exactly its own window, so the
+    work is n * (mean window), not a rectangle per block."""
 
     name = "torch"
 
     @staticmethod
-    def _chunks(terms: SortedTerms, tau: float, d: int):
+    def dense(batch: int, n: int) -> bool:
+        return batch * n * n <= DENSE_ELEMENTS
+
+    def has_windows(self, batch: int, n: int) -> bool:
+        """Whether ``prepare`` computes the rows' windows (the chunked path) or leaves them empty (dense)."""
+        return not self.dense(batch, n)
+
+    def prepare(self, scores: Tensor, tau: Tensor, banded: bool) -> SortedTerms:
+        return sorted_terms(scores, tau, banded, windows=not self.dense(*scores.shape))
+
+    @staticmethod
+    def _chunks(terms: SortedTerms, tau: Tensor, d: int):
         """Yields (p0, p1, total, chunk arguments) for row chunks of at most CHUNK_ELEMENTS (row, column, d) pairs;
         ``total`` is the number of (row, column) pairs of the whole problem's windows."""
         batch, n = terms.t.shape
         if batch == 0 or n == 0:
             return
         windows = terms.upper - terms.lower + 1
-        total = int(windows.sum())
         widths = windows.amax(0)
-        step = max(1, CHUNK_ELEMENTS // (batch * int(widths.max()) * max(1, d)))
+        # One read-back for the sizes of the whole loop (total, step and the chunks' widths).
+        total, widest = (int(v) for v in torch.stack([windows.sum(), widths.max()]).tolist())
+        step = max(1, CHUNK_ELEMENTS // (batch * widest * max(1, d)))
         block_widths = torch.nn.functional.pad(widths, (0, -n % step)).view(-1, step).amax(1).tolist()
-        neg_inv_tau = torch.tensor(-1.0 / tau, dtype=torch.float64, device=terms.t.device)
+        neg_inv_tau = (-1.0 / tau).to(torch.float64)
         for p0, width in zip(range(0, n, step), block_widths, strict=True):
             p1 = min(p0 + step, n)
-            rows = torch.arange(p0, p1, device=terms.t.device, dtype=torch.float64)
+            rows = positions(n, terms.t.device)[p0:p1]
             offsets = torch.arange(width, device=terms.t.device)
             yield p0, p1, total, (
                 terms.t, terms.w, terms.t[:, p0:p1], terms.w[:, p0:p1], terms.lower[:, p0:p1],
                 terms.upper[:, p0:p1], rows, offsets, neg_inv_tau)
 
-    def matrix_forward(self, terms: SortedTerms, tau: float, descending: bool, dtype: torch.dtype) -> Tensor:
+    def matrix_forward(self, terms: SortedTerms, tau: Tensor, descending: bool, banded: bool,
+                       dtype: torch.dtype) -> Tensor:
+        """P_hat (B, n, n) in the caller's coordinates."""
         work = compute_dtype(dtype)
         batch, n = terms.t.shape
+        if self.dense(batch, n):
+            weights, _ = _dense_weights(terms, tau, banded, work)
+            weights = weights / weights.sum(-1, keepdim=True)
+            index = terms.order[:, None, :].expand(batch, n, n)
+            return rows_to_output(torch.empty_like(weights).scatter_(2, index, weights), descending).to(dtype)
         out = torch.zeros((batch, n, n), device=terms.t.device, dtype=dtype)
         out_row = output_rows(n, descending, terms.t.device)
         for p0, p1, _, args in self._chunks(terms, tau, 1):
-            weights, cols = _band_weights(*args, work)
+            weights, cols, _ = _band_weights(*args, work)
             weights /= weights.sum(-1, keepdim=True)
             input_cols = torch.gather(terms.order, 1, cols.flatten(1)).view_as(cols)
             block = torch.zeros((batch, p1 - p0, n), device=terms.t.device, dtype=work)
             out[:, out_row[p0:p1]] = block.scatter_add_(2, input_cols, weights).to(dtype)
         return out
 
-    def apply_forward(self, terms: SortedTerms, x: Tensor, tau: float) -> tuple[Tensor, Tensor]:
+    def apply_forward(self, terms: SortedTerms, x: Tensor, tau: Tensor, descending: bool,
+                      banded: bool) -> tuple[Tensor, Tensor]:
+        """x (B, n, d) in input order -> (P_hat @ x (B, n, d) by output row, row sums (B, n) float64 by sorted row)."""
         work = compute_dtype(x.dtype)
         batch, n, d = x.shape
-        xw = x.to(work)
-        out = torch.empty_like(x)
+        xw = to_sorted(x, terms.order).to(work)
+        if self.dense(batch, n):
+            weights, _ = _dense_weights(terms, tau, banded, work)
+            # The row sums are kept in float64: a row's rounding error rescales all of its dz in the backward, and
+            # d_scores is a sum over rows whose contributions largely cancel.
+            norm = weights.sum(-1, dtype=torch.float64)
+            out = torch.bmm(weights, xw).div_(norm[..., None])
+            return rows_to_output(out, descending).to(x.dtype), norm
+        out = torch.empty((batch, n, d), device=x.device, dtype=x.dtype)
         norm = torch.empty((batch, n), device=x.device, dtype=torch.float64)
         for p0, p1, total, args in self._chunks(terms, tau, d):
             y, norm[:, p0:p1] = _chunk_function("forward", _forward_chunk, total)(*args, xw)
             out[:, p0:p1] = y.to(x.dtype)
-        return out, norm
+        return rows_to_output(out, descending), norm
 
-    def apply_backward(self, terms: SortedTerms, x: Tensor, grad: Tensor, norm: Tensor,
-                       tau: float) -> tuple[Tensor, Tensor, Tensor]:
-        """Delta is recomputed per chunk of whole rows (see ``_backward_chunk``)."""
+    def apply_backward(self, terms: SortedTerms, x: Tensor, grad: Tensor, norm: Tensor, tau: Tensor,
+                       descending: bool, banded: bool, need_tau: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Gradients of P_hat @ x: (d_scores (B, n), d_x (B, n, d), both in input order, and
+        sum_pm dz_pm D_p(m) per batch row (B,) float64 when ``need_tau``, else None). grad: (B, n, d) by output row.
+
+        Delta_p = sum_m P_pm (g_p . x_m) is recomputed from the very weights dz uses (per chunk of whole rows)."""
         work = compute_dtype(x.dtype)
         batch, n, d = x.shape
-        x64, g64 = x.to(torch.float64), grad.to(torch.float64)
-        dx = torch.zeros((batch, n, d), device=x.device, dtype=torch.float64)
-        u = torch.zeros((batch, n), device=x.device, dtype=torch.float64)
-        r = torch.zeros_like(u)
-        for p0, p1, total, args in self._chunks(terms, tau, d):
-            cols, pg, dz, centred_dz = _chunk_function("backward", _backward_chunk, total)(
-                *args, x64, g64[:, p0:p1], norm[:, p0:p1], terms.count, work)
-            dx.scatter_add_(1, cols[..., None].expand(-1, -1, d), pg)
-            r.scatter_add_(1, cols, dz)
-            u.scatter_add_(1, cols, centred_dz)
-        return dx.to(x.dtype), u, r
+        x64 = to_sorted(x, terms.order).to(torch.float64)
+        g64 = rows_to_output(grad, descending).to(torch.float64)
+        if self.dense(batch, n):
+            weights, drop = _dense_weights(terms, tau, banded, work, keep_drop=need_tau)
+            p = weights.to(torch.float64).div_(norm[..., None])
+            gx = torch.bmm(g64, x64.transpose(1, 2))
+            dz = gx.sub_((p * gx).sum(-1, keepdim=True)).mul_(p)
+            dx = torch.bmm(p.transpose(1, 2), g64)
+            r = dz.sum(1)
+            # Centred form: c_p - cnt_m is small near the peak, so no two large sums cancel.
+            u = (positions(n, x.device, 2, 1 - n)[:, None] - terms.count[:, None, :]).mul_(dz).sum(1)
+            tau_terms = (dz * drop).sum((1, 2)) if need_tau else None
+        else:
+            dx = torch.zeros((batch, n, d), device=x.device, dtype=torch.float64)
+            u = torch.zeros((batch, n), device=x.device, dtype=torch.float64)
+            r = torch.zeros_like(u)
+            tau_terms = torch.zeros(batch, device=x.device, dtype=torch.float64) if need_tau else None
+            for p0, p1, total, args in self._chunks(terms, tau, d):
+                cols, pg, dz, centred_dz, tau_chunk = _chunk_function(f"backward{int(need_tau)}", _backward_chunk,
+                                                                      total)(
+                    *args, x64, g64[:, p0:p1], norm[:, p0:p1], terms.count, work, need_tau)
+                dx.scatter_add_(1, cols[..., None].expand(-1, -1, d), pg)
+                r.scatter_add_(1, cols, dz)
+                u.scatter_add_(1, cols, centred_dz)
+                if need_tau:
+                    tau_terms += tau_chunk
+        d_scores = signed_sum_gradient(terms, u, r, tau, x.dtype)
+        return d_scores, from_sorted(dx, terms.order).to(x.dtype), tau_terms
 
 
 class TritonBackend:
@@ -196,31 +296,43 @@ class TritonBackend:
     name = "triton"
 
     @staticmethod
-    def _inputs(terms: SortedTerms) -> dict[str, Tensor]:
-        return {"t": terms.t.contiguous(), "w": terms.w.contiguous(), "lower": terms.lower.to(torch.int32),
-                "upper": terms.upper.to(torch.int32)}
+    def has_windows(batch: int, n: int) -> bool:
+        return True
 
-    def matrix_forward(self, terms: SortedTerms, tau: float, descending: bool, dtype: torch.dtype) -> Tensor:
+    def prepare(self, scores: Tensor, tau: Tensor, banded: bool) -> SortedTerms:
+        return sorted_terms(scores, tau, banded)
+
+    @staticmethod
+    def _inputs(terms: SortedTerms, tau: Tensor) -> dict[str, Tensor]:
+        return {"t": terms.t.contiguous(), "w": terms.w.contiguous(), "lower": terms.lower.to(torch.int32),
+                "upper": terms.upper.to(torch.int32), "scale": (LOG2_E / tau).reshape(1)}
+
+    def matrix_forward(self, terms: SortedTerms, tau: Tensor, descending: bool, banded: bool,
+                       dtype: torch.dtype) -> Tensor:
         from .kernels import launch
 
         out_row = output_rows(terms.n, descending, terms.t.device).to(torch.int32)
-        return launch.matrix_forward(**self._inputs(terms), order=terms.order.to(torch.int32),
-                                     out_row=out_row, scale=LOG2_E / tau, out_dtype=dtype)
+        return launch.matrix_forward(**self._inputs(terms, tau), order=terms.order.to(torch.int32),
+                                     out_row=out_row, out_dtype=dtype)
 
-    def apply_forward(self, terms: SortedTerms, x: Tensor, tau: float) -> tuple[Tensor, Tensor]:
+    def apply_forward(self, terms: SortedTerms, x: Tensor, tau: Tensor, descending: bool,
+                      banded: bool) -> tuple[Tensor, Tensor]:
         from .kernels import launch
 
-        return launch.apply_forward(**self._inputs(terms), x=x.contiguous(), scale=LOG2_E / tau)
+        out, norm = launch.apply_forward(**self._inputs(terms, tau), x=to_sorted(x, terms.order).contiguous())
+        return rows_to_output(out, descending), norm
 
-    def apply_backward(self, terms: SortedTerms, x: Tensor, grad: Tensor, norm: Tensor,
-                       tau: float) -> tuple[Tensor, Tensor, Tensor]:
+    def apply_backward(self, terms: SortedTerms, x: Tensor, grad: Tensor, norm: Tensor, tau: Tensor,
+                       descending: bool, banded: bool, need_tau: bool) -> tuple[Tensor, Tensor, Tensor | None]:
         """Two passes, as the column pass needs each row's Delta: a row pass, then the column pass."""
         from .kernels import launch
 
-        inputs = {**self._inputs(terms), "x": x.contiguous(), "grad": grad.contiguous(), "norm": norm,
-                  "scale": LOG2_E / tau}
+        inputs = {**self._inputs(terms, tau), "x": to_sorted(x, terms.order).contiguous(),
+                  "grad": rows_to_output(grad, descending).contiguous(), "norm": norm}
         delta = launch.apply_delta(**inputs)
-        return launch.apply_backward(**inputs, count=terms.count.float().contiguous(), delta=delta)
+        dx, u, r = launch.apply_backward(**inputs, count=terms.count.float().contiguous(), delta=delta)
+        d_scores = signed_sum_gradient(terms, u, r, tau, x.dtype)
+        return d_scores, from_sorted(dx, terms.order), None
 
 
 BACKENDS = {"torch": TorchBackend(), "triton": TritonBackend()}

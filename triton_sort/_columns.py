@@ -42,7 +42,8 @@ class SortedTerms:
 
     ``t`` (sorted scores minus their median; a shift leaves every row's softmax unchanged) and ``w`` (prefix sums
     ``W_m``) are float64. ``count`` is ``cnt_m = sum_k sign(t_m - t_k)`` (float64); ``lower``/``upper`` are the
-    inclusive column windows ``[L_p, R_p]`` of each row (int64). ``order`` maps sorted positions to input
+    inclusive column windows ``[L_p, R_p]`` of each row (int64; ``(B, 0)`` when the evaluation is dense and needs
+    none). ``order`` maps sorted positions to input
     indices; ``less``/``not_greater`` count scores below / not above each sorted position (for ties).
     """
 
@@ -59,6 +60,10 @@ class SortedTerms:
     def n(self) -> int:
         return self.t.shape[-1]
 
+    def tensors(self) -> tuple[Tensor, ...]:
+        """The fields in order: what a custom op returns so that the backward reuses the forward's terms."""
+        return tuple(getattr(self, field.name) for field in dataclasses.fields(self))
+
 
 def drop(terms: SortedTerms, rows: Tensor, cols: Tensor) -> Tensor:
     """D_p(m) in float64 for broadcastable index tensors ``rows`` (p) and ``cols`` (m) of shape (B, ...)."""
@@ -73,29 +78,51 @@ def _take(values: Tensor, index: Tensor) -> Tensor:
     return torch.gather(values, 1, flat).reshape(index.shape)
 
 
-def sorted_terms(scores: Tensor, tau: float, banded: bool = True) -> SortedTerms:
-    """Sort once, prefix sums in float64, windows by binary search: O(B n log n). scores: (B, n)."""
+def sorted_terms(scores: Tensor, tau: float | Tensor, banded: bool = True, windows: bool = True) -> SortedTerms:
+    """Sort once, prefix sums in float64, windows by binary search: O(B n log n). scores: (B, n).
+
+    ``tau``: a float or a 0-d float64 tensor. ``windows=False`` leaves ``lower``/``upper`` empty, ``(B, 0)``: the
+    dense evaluations need no windows (they mask the band's drops directly), and skipping the binary search saves
+    ~2 log2(n) small operations per call."""
     s = scores.detach().to(torch.float64)
     batch, n = s.shape
     t, order = torch.sort(s, dim=-1, stable=True)
     if n:
         t = t - t[:, n // 2 : n // 2 + 1]
-    positions = torch.arange(n, device=s.device, dtype=torch.float64)
     gaps = torch.diff(t, dim=-1)
-    w = torch.nn.functional.pad(torch.cumsum(positions[:-1] * gaps, dim=-1), (1, 0)) if n else t.clone()
+    w = torch.nn.functional.pad(torch.cumsum(positions(n - 1, s.device) * gaps, dim=-1), (1, 0)) if n else t.clone()
     less = torch.searchsorted(t, t, right=False)
     not_greater = torch.searchsorted(t, t, right=True)
-    count = (less + not_greater - n).to(torch.float64)
+    count = (less + not_greater).to(torch.float64).sub_(n)
+    # Distinct empty tensors: a custom op's outputs may not alias each other.
+    terms = SortedTerms(order, t, w, count, less, not_greater, lower=order.new_empty((batch, 0)),
+                        upper=order.new_empty((batch, 0)))
+    if not windows:
+        return terms
     rows = torch.arange(n, device=s.device).expand(batch, n)
-    full_rows = SortedTerms(order, t, w, count, less, not_greater, lower=torch.zeros_like(rows),
-                            upper=torch.full_like(rows, max(n - 1, 0)))
     if not banded:
-        return full_rows
-    lower, upper = _windows(full_rows, rows, band_threshold(n) * tau)
-    return dataclasses.replace(full_rows, lower=lower, upper=upper)
+        return dataclasses.replace(terms, lower=torch.zeros_like(rows), upper=torch.full_like(rows, max(n - 1, 0)))
+    lower, upper = _windows(terms, rows, band_threshold(n) * tau)
+    return dataclasses.replace(terms, lower=lower, upper=upper)
 
 
-def _windows(terms: SortedTerms, rows: Tensor, limit: float) -> tuple[Tensor, Tensor]:
+_POSITIONS: dict[tuple[int, str, int, int], Tensor] = {}
+
+
+def positions(n: int, device: torch.device, scale: int = 1, shift: int = 0) -> Tensor:
+    """``scale * p + shift`` for ``p = 0, 1, ..., n - 1`` in float64, cached per (n, device, scale, shift): a fresh
+    arange is one more kernel launch per call. Never written to."""
+    key = (n, str(device), scale, shift)
+    cached = _POSITIONS.get(key)
+    if cached is None:
+        if len(_POSITIONS) > 256:
+            _POSITIONS.clear()
+        cached = torch.arange(max(n, 0), device=device, dtype=torch.float64)
+        cached = _POSITIONS[key] = cached.mul_(scale).add_(shift) if (scale, shift) != (1, 0) else cached
+    return cached
+
+
+def _windows(terms: SortedTerms, rows: Tensor, limit: float | Tensor) -> tuple[Tensor, Tensor]:
     """Per row p, the first and last column m with D_p(m) <= limit (binary search; D_p is monotone)."""
     n = terms.n
     # Leftmost m in [0, p] with D_p(m) <= limit: D_p decreases towards p, where it is 0.

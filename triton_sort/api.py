@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from . import ops  # noqa: F401  (registers torch.ops.triton_sort before use)
+from .ops import SortApply, SortMatrix
 
 Backend = Literal["auto", "torch", "triton"]
 
@@ -17,19 +17,41 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def check_tau(tau: float | Tensor) -> float:
-    """tau as a Python float; a clear error for anything that is not a finite positive real number."""
+_TAU_CACHE: dict[tuple[float, str], Tensor] = {}
+
+
+def check_tau(tau: float | Tensor, device: torch.device | str = "cpu") -> Tensor:
+    """tau as a 0-d float64 tensor on ``device``; a clear error for anything that is not a positive real number.
+
+    A Python number is checked here (finite, > 0, with a finite inverse) and converted once per value and device
+    (cached: no copy per call). A one-element tensor keeps its autograd graph (a tau that requires grad gets its
+    gradient) and its value is checked inside the ops, with the other data checks (``set_validation``), so that
+    tracing never reads it: compiled graphs take tau as an input and do not specialise on its value."""
     if isinstance(tau, Tensor):
-        if tau.numel() != 1 or tau.is_complex() or tau.dtype == torch.bool:
-            raise TypeError(f"tau must be a real number or a one-element tensor, got a tensor of shape "
-                            f"{tuple(tau.shape)} and dtype {tau.dtype}")
-        tau = float(tau.item())
-    elif isinstance(tau, bool) or not isinstance(tau, numbers.Real):
+        if tau.numel() != 1 or not tau.is_floating_point():
+            raise TypeError(f"tau must be a real number or a one-element floating-point tensor, got a tensor of "
+                            f"shape {tuple(tau.shape)} and dtype {tau.dtype}")
+        return tau.to(device=device, dtype=torch.float64).reshape(())
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
         raise TypeError(f"tau must be a real number, got {type(tau).__name__}")
-    tau = float(tau)
-    if not math.isfinite(tau) or tau <= 0:
-        raise ValueError(f"tau must be finite and > 0, got {tau}")
-    return tau
+    value = float(tau)
+    if not math.isfinite(value) or value <= 0 or not math.isfinite(1.0 / value):
+        raise ValueError(f"tau must be finite and > 0 with a finite inverse, got {value}")
+    key = (value, str(device))
+    cached = _TAU_CACHE.get(key)
+    if cached is None:
+        if len(_TAU_CACHE) > 1024:
+            _TAU_CACHE.clear()
+        cached = _TAU_CACHE[key] = torch.tensor(value, dtype=torch.float64, device=device)
+    return cached
+
+
+def autocast_inputs(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Under ``torch.autocast`` for the tensors' device, 16-bit floating inputs run at fp32 (as PyTorch's softmax
+    does): mixed dtypes from autocast regions are accepted and computed at fp32 accuracy."""
+    if not torch.is_autocast_enabled(tensors[0].device.type):
+        return tensors
+    return tuple(t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors)
 
 
 def _check_flag(name: str, value: object) -> None:
@@ -108,7 +130,9 @@ def relaxed_sort_apply(scores: Tensor, x: Tensor, tau: float | Tensor, *, descen
         scores: ``(n,)`` or ``(B, n)``.
         x: ``(n,)`` or ``(n, d)`` for 1-D scores; ``(B, n)`` or ``(B, n, d)`` for 2-D scores; same dtype and
             device as ``scores``.
-        tau: temperature > 0; ``P_hat`` tends to the sorting permutation as ``tau -> 0``.
+        tau: temperature > 0, a number or a one-element tensor (a tensor that requires grad gets its exact
+            gradient; under torch.compile a tensor tau never causes a recompilation); ``P_hat`` tends to the sorting
+            permutation as ``tau -> 0``.
         hard: straight-through: the value is ``x`` in exact sorted order (stable for ties), the gradient the
             relaxed one.
         banded: skip the columns whose logit lies more than ``T = ln(n) + 30`` below their row's maximum. Each
@@ -121,14 +145,16 @@ def relaxed_sort_apply(scores: Tensor, x: Tensor, tau: float | Tensor, *, descen
         A tensor of ``x``'s shape, differentiable with respect to ``scores`` and ``x``. Extra memory is
         O(B * n * d) in both passes (the backward recomputes ``P_hat`` tile by tile).
     """
-    tau = check_tau(tau)
     scores = _check_scores(scores)
+    if isinstance(x, Tensor):
+        scores, x = autocast_inputs(scores, x)
+    tau = check_tau(tau, scores.device)
     _check_flag("descending", descending)
     _check_flag("hard", hard)
     values = _check_values(scores, x)
     backend = _resolve_backend(backend, scores)
     _check_flag("banded", banded)
-    out = torch.ops.triton_sort.apply(_as_batch(scores), values, tau, descending, hard, banded, backend)[0]
+    out = SortApply.apply(_as_batch(scores), values, tau, descending, hard, banded, backend)[0]
     return out.reshape(x.shape)
 
 
@@ -142,11 +168,12 @@ def relaxed_sort_matrix(scores: Tensor, tau: float | Tensor, *, descending: bool
     ``relaxed_sort_apply``). Differentiable with respect to ``scores``. Prefer :func:`relaxed_sort_apply` when
     only ``P_hat @ x`` is needed: it never allocates ``n x n``.
     """
-    tau = check_tau(tau)
     scores = _check_scores(scores)
+    (scores,) = autocast_inputs(scores)
+    tau = check_tau(tau, scores.device)
     _check_flag("descending", descending)
     _check_flag("hard", hard)
     backend = _resolve_backend(backend, scores)
     _check_flag("banded", banded)
-    out = torch.ops.triton_sort.matrix(_as_batch(scores), tau, descending, hard, banded, backend)
+    out = SortMatrix.apply(_as_batch(scores), tau, descending, hard, banded, backend)[0]
     return out if scores.dim() == 2 else out.squeeze(0)

@@ -19,62 +19,82 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ._backends import BACKENDS
-from ._columns import output_rows, signed_sum, sorted_terms
-from .api import Backend, _as_batch, _check_flag, _check_scores, _check_values, _resolve_backend, check_tau
-from .ops import _check_finite_scores, _from_sorted, _to_sorted
+from ._backends import BACKENDS, to_sorted
+from ._columns import signed_sum, sorted_terms
+from .api import (
+    Backend,
+    _as_batch,
+    _check_flag,
+    _check_scores,
+    _check_values,
+    _resolve_backend,
+    autocast_inputs,
+    check_tau,
+)
+from .ops import (
+    SortApplyBackward,
+    _check_finite_scores,
+    _fake_terms,
+    autograd_function,
+    register_batch_vmap,
+    tau_gradient,
+    validate_data,
+)
 
 __all__ = ["relaxed_quantile", "relaxed_topk"]
 
 
-def _first_rows(scores: Tensor, rows: Tensor) -> Tensor:
-    """``u``: 1 on ``rows``, 0 elsewhere; ``(B, n, 1)`` in the scores' dtype."""
+def _first_rows(scores: Tensor, k: int) -> Tensor:
+    """``u``: 1 on the first ``k`` output rows, 0 elsewhere; ``(B, n, 1)`` in the scores' dtype."""
     u = torch.zeros((*scores.shape, 1), dtype=scores.dtype, device=scores.device)
-    u[:, rows] = 1
+    u[:, :k] = 1
     return u
 
 
 # ------------------------------------------------------------------------------------- relaxed top-k indicator
 @torch.library.custom_op("triton_sort::topk", mutates_args=())
-def topk_indicator(scores: Tensor, k: int, tau: float, descending: bool, banded: bool, backend: str) -> Tensor:
-    """``P_hat^T u`` (B, n) for scores (B, n): the relaxed indicator of the ``k`` first-ranked items."""
-    _check_finite_scores(scores)
+def topk_indicator(scores: Tensor, k: int, tau: Tensor, descending: bool, banded: bool, backend: str
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(``P_hat^T u`` (B, n), row sums, *sorted terms) for scores (B, n): the relaxed indicator of the ``k``
+    first-ranked items, and what its backward reuses."""
+    validate_data(scores, None, tau)
     impl = BACKENDS[backend]
-    terms = sorted_terms(scores, tau, banded)
+    terms = impl.prepare(scores, tau, banded)
     # The backward's column pass needs the row sums, which do not depend on the values: x = 0 gives them (and
-    # Delta = 0, so dx is exactly P^T u; the u/r sums it also returns are zero and unused).
-    # The backends work in sorted coordinates: output row i is sorted row output_rows[i].
+    # Delta = 0, so dx is exactly P^T u; the scores gradient it also returns is zero and unused).
     zeros = scores.new_zeros((*scores.shape, 1))
-    _, norm = impl.apply_forward(terms, zeros, tau)
-    u = _first_rows(scores, output_rows(terms.n, descending, scores.device)[:k])
-    sorted_dx, _, _ = impl.apply_backward(terms, zeros, u, norm, tau)
-    return _from_sorted(sorted_dx[..., 0], terms.order)
+    _, norm = impl.apply_forward(terms, zeros, tau, descending, banded)
+    _, indicator, _ = impl.apply_backward(terms, zeros, _first_rows(scores, k), norm, tau, descending, banded, False)
+    return (indicator[..., 0], norm, *terms.tensors())
 
 
 @topk_indicator.register_fake
 def _(scores, k, tau, descending, banded, backend):
-    return torch.empty_like(scores)
+    return (torch.empty_like(scores), scores.new_empty(scores.shape, dtype=torch.float64),
+            *_fake_terms(scores, backend, banded))
 
 
 def _topk_setup_context(ctx, inputs, output):
-    scores, k, tau, descending, banded, backend = inputs
-    ctx.save_for_backward(scores)
-    ctx.k, ctx.tau, ctx.descending, ctx.banded, ctx.backend = k, tau, descending, banded, backend
+    _scores, k, tau, descending, banded, backend = inputs
+    ctx.save_for_backward(tau, *output[1:])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.k, ctx.descending, ctx.banded, ctx.backend = k, descending, banded, backend
 
 
-def _topk_backward(ctx, grad):
+def _topk_backward(ctx, grad, *_):
     # For a cotangent w, w . topk = u^T P_hat w: the output of relaxed_sort_apply(scores, x = w) contracted with
-    # u. Its scores-gradient is that op's backward with output cotangent u, so reuse the apply ops verbatim.
-    (scores,) = ctx.saved_tensors
-    w = grad.to(scores.dtype).contiguous()[..., None]
-    _, norm = torch.ops.triton_sort.apply(scores, w, ctx.tau, ctx.descending, False, ctx.banded, ctx.backend)
-    u = _first_rows(scores, torch.arange(ctx.k, device=scores.device))
-    d_scores, _ = torch.ops.triton_sort.apply_backward(scores, w, u, norm, ctx.tau, ctx.descending,
-                                                       ctx.banded, ctx.backend)
-    return d_scores, None, None, None, None, None
+    # u. Its gradients are that op's backward with output cotangent u, so reuse the apply backward verbatim.
+    tau, norm, *terms = ctx.saved_tensors
+    w = grad.contiguous()[..., None]
+    need_tau = ctx.needs_input_grad[2]
+    d_scores, _, tau_terms = SortApplyBackward.apply(w, _first_rows(grad, ctx.k), norm, tau, *terms, ctx.descending,
+                                                     ctx.banded, ctx.backend, need_tau)
+    return d_scores, None, tau_gradient(tau, tau_terms) if need_tau else None, None, None, None
 
 
 topk_indicator.register_autograd(_topk_backward, setup_context=_topk_setup_context)
+register_batch_vmap(topk_indicator, "relaxed_topk", batched=(0,), tau_index=2)
+TopK = autograd_function("relaxed_topk", topk_indicator, _topk_setup_context, _topk_backward)
 
 
 def relaxed_topk(scores: Tensor, k: int, tau: float | Tensor, *, descending: bool = True, banded: bool = True,
@@ -94,8 +114,9 @@ def relaxed_topk(scores: Tensor, k: int, tau: float | Tensor, *, descending: boo
     Returns:
         A tensor of ``scores``' shape, differentiable with respect to ``scores`` (O(B n) extra memory).
     """
-    tau = check_tau(tau)
     scores = _check_scores(scores)
+    (scores,) = autocast_inputs(scores)
+    tau = check_tau(tau, scores.device)
     _check_flag("descending", descending)
     _check_flag("banded", banded)
     n = scores.shape[-1]
@@ -104,7 +125,7 @@ def relaxed_topk(scores: Tensor, k: int, tau: float | Tensor, *, descending: boo
     if not 0 <= k <= n:
         raise ValueError(f"k must satisfy 0 <= k <= n = {n}, got {k}")
     backend = _resolve_backend(backend, scores)
-    out = torch.ops.triton_sort.topk(_as_batch(scores), int(k), tau, descending, banded, backend)
+    out = TopK.apply(_as_batch(scores), int(k), tau, descending, banded, backend)[0]
     return out if scores.dim() == 2 else out.squeeze(0)
 
 
@@ -120,7 +141,7 @@ def _ascending_rows(scores: Tensor, values: Tensor, ranks: list[int], tau: float
     enough (relative 1e-16).
     """
     terms = sorted_terms(scores, tau, banded=False)
-    t = _to_sorted(scores.to(torch.float64), terms.order)
+    t = to_sorted(scores.to(torch.float64), terms.order)
     # The median-centred sorted scores of the terms (the value), with the gradient of the scores (a shift cancels
     # in softmax rows, so its gradient would be zero anyway).
     t = terms.t + (t - t.detach())
@@ -128,7 +149,7 @@ def _ascending_rows(scores: Tensor, values: Tensor, ranks: list[int], tau: float
     rows = torch.tensor(ranks, device=scores.device)  # ascending rank r is sorted row r
     c = (2 * rows - (terms.n - 1)).to(torch.float64)
     p = torch.softmax((c[None, :, None] * t[:, None, :] - b[:, None, :]) / tau, dim=-1)
-    return p @ _to_sorted(values.to(torch.float64), terms.order)
+    return p @ to_sorted(values.to(torch.float64), terms.order)
 
 
 def relaxed_quantile(scores: Tensor, values: Tensor, q: float, tau: float | Tensor, *,
@@ -153,8 +174,8 @@ def relaxed_quantile(scores: Tensor, values: Tensor, q: float, tau: float | Tens
         ``values`` without its ``n`` dimension (``()``, ``(d,)``, ``(B,)`` or ``(B, d)``), in the scores' dtype,
         differentiable with respect to ``scores`` and ``values``.
     """
-    tau = check_tau(tau)
     scores = _check_scores(scores)
+    tau = check_tau(tau, scores.device)
     batched_values = _check_values(scores, values, "values")
     n = scores.shape[-1]
     if n == 0:

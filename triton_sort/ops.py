@@ -1,8 +1,16 @@
-"""``torch.library`` custom ops: the layer between the functional API and the backends.
+"""``torch.library`` custom ops and the autograd functions the public API calls.
 
-Registered with fake (meta) implementations and ``register_autograd`` so that ``torch.compile(fullgraph=True)``
-traces them without graph breaks. Shapes are canonical here: ``scores (B, n)``, ``x (B, n, d)``; the functional API
-in ``triton_sort.api`` validates and reshapes user input. ``backend`` is ``"torch"`` or ``"triton"``.
+Three layers: the backends (``_backends``: PyTorch and Triton), these custom ops (fake implementations,
+``register_autograd``, vmap rules: ``torch.compile(fullgraph=True)`` traces them without graph breaks and ``opcheck``
+tests them), and the functional API (``api``), which validates and reshapes user input. Shapes are canonical here:
+``scores (B, n)``, ``x (B, n, d)``, ``tau`` a 0-d float64 tensor (so compiled graphs never specialise on its value),
+``backend`` is ``"torch"`` or ``"triton"``.
+
+Each forward op also returns the sorted terms it computed (``SortedTerms``, O(B n)), which the backward reuses
+instead of sorting again. The public functions go through ``torch.autograd.Function`` subclasses built from the same
+setup/backward functions as the ops' ``register_autograd``: PyTorch's generated autograd wrapper of custom ops lacks
+``setup_context`` and so fails under ``torch.func`` transforms (pytorch/pytorch#170834); the functions here support
+``grad``, ``vjp``, ``jacrev`` and ``vmap`` and raise a clear error for forward mode and double backward.
 """
 
 from __future__ import annotations
@@ -10,14 +18,39 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._backends import BACKENDS
-from ._columns import SortedTerms, output_rows, signed_sum, sorted_terms
+from ._backends import BACKENDS, rows_to_output, signed_sum_gradient
+from ._columns import SortedTerms, positions
+from .settings import validation_enabled
+
+TERM_FIELDS = ("order", "t", "w", "count", "less", "not_greater", "lower", "upper")
+_INDEX_FIELDS = ("order", "less", "not_greater", "lower", "upper")
+
+
+def validate_data(scores: Tensor, x: Tensor | None, tau: Tensor | None) -> None:
+    """With validation on (``triton_sort.set_validation``): scores and x finite, tau finite and > 0 with a finite
+    inverse. One host synchronisation for all of them; nothing at all with validation off. Data-dependent, so it lives
+    inside the ops (opaque to torch.compile) rather than in the Python wrappers."""
+    if not validation_enabled():
+        return
+    checks = [torch.isfinite(scores).all()]
+    if x is not None:
+        checks.append(torch.isfinite(x).all())
+    if tau is not None:
+        checks.append((tau > 0) & torch.isfinite(tau) & torch.isfinite(tau.reciprocal()))
+    ok = checks[0] if len(checks) == 1 else torch.stack(checks).all()
+    if bool(ok):
+        return
+    # The error path may synchronise again: it says which input failed.
+    if not bool(checks[0]):
+        raise ValueError("scores must be finite: found NaN or infinite values")
+    if x is not None and not bool(checks[1]):
+        raise ValueError("x must be finite: found NaN or infinite values (triton_sort.set_validation(False) skips "
+                         "this check; see its docstring for what non-finite values do then)")
+    raise ValueError(f"tau must be finite and > 0 with a finite inverse, got {float(tau)}")
 
 
 def _check_finite_scores(scores: Tensor) -> None:
-    # Data-dependent, so it lives inside the op (opaque to torch.compile) rather than in the Python wrapper.
-    if not bool(torch.isfinite(scores).all()):
-        raise ValueError("scores must be finite: found NaN or infinite values")
+    validate_data(scores, None, None)
 
 
 def hard_order(scores: Tensor, descending: bool) -> Tensor:
@@ -25,128 +58,248 @@ def hard_order(scores: Tensor, descending: bool) -> Tensor:
     return torch.sort(scores, dim=-1, descending=descending, stable=True).indices
 
 
-def _to_sorted(values: Tensor, order: Tensor) -> Tensor:
-    """(B, n, ...) in input order -> sorted order."""
-    index = order.reshape(*order.shape, *([1] * (values.dim() - 2))).expand_as(values)
-    return torch.gather(values, 1, index)
+def _fake_terms(scores: Tensor, backend: str, banded: bool) -> tuple[Tensor, ...]:
+    batch, n = scores.shape
+    width = n if BACKENDS[backend].has_windows(batch, n) else 0
+    shapes = {"lower": (batch, width), "upper": (batch, width)}
+    return tuple(scores.new_empty(shapes.get(name, (batch, n)),
+                                  dtype=torch.int64 if name in _INDEX_FIELDS else torch.float64)
+                 for name in TERM_FIELDS)
 
 
-def _from_sorted(values: Tensor, order: Tensor) -> Tensor:
-    """(B, n, ...) in sorted order -> input order."""
-    index = order.reshape(*order.shape, *([1] * (values.dim() - 2))).expand_as(values)
-    return torch.empty_like(values).scatter_(1, index, values)
+# ------------------------------------------------------------------------------------- shared autograd machinery
+def forward_mode_error(name: str) -> RuntimeError:
+    return RuntimeError(f"forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) is not "
+                        f"supported by triton_sort.{name}: use reverse mode (backward, torch.func.grad, vjp, jacrev)")
 
 
-def _scores_gradient(terms: SortedTerms, u: Tensor, r: Tensor, tau: float, dtype: torch.dtype) -> Tensor:
-    """d_scores = (u_m - sum_k sign(t_m - t_k) r_k) / tau in sorted order (MATH.md, section 4), to input order."""
-    sorted_grad = (u.to(torch.float64) - signed_sum(terms, r)) / tau
-    return _from_sorted(sorted_grad, terms.order).to(dtype)
+def double_backward_error(name: str) -> RuntimeError:
+    return RuntimeError(f"double backward is not supported by triton_sort.{name}: its backward is a fused kernel "
+                        "without a derivative of its own (create_graph=True, torch.func.hessian, grad of grad)")
+
+
+def _forward_calling(op):
+    """``forward(<the op's arguments>) = op(...)`` with the schema's parameter names: Dynamo mistakes a
+    ``forward(*args)`` for an old-style ``forward(ctx, *args)`` and fails to trace it."""
+    names = ", ".join(argument.name for argument in op._schema.arguments)
+    namespace = {"op": op}
+    exec(f"def forward({names}):\n    return op({names})\n", namespace)
+    return namespace["forward"]
+
+
+class DifferentiableOp:
+    """An op's ``autograd.Function``s: eager calls get one whose ``jvp`` raises ``forward_mode_error``; traced calls
+    (torch.compile) one without ``jvp``, which Dynamo cannot trace (it does not run forward mode anyway).
+    ``vmap`` comes from the ops' vmap rules (``generate_vmap_rule``)."""
+
+    def __init__(self, name: str, op, setup_context, backward, traced_directly: bool = False) -> None:
+        def jvp(ctx, *tangents):
+            raise forward_mode_error(name)
+
+        # The OpOverload, not the CustomOpDef: Dynamo can trace calls of the former from inside the function.
+        op = op._opoverload
+        self.op, self.traced_directly = op, traced_directly
+        methods = {
+            "generate_vmap_rule": True,
+            "forward": staticmethod(_forward_calling(op)),
+            "setup_context": staticmethod(setup_context),
+            "backward": staticmethod(backward),
+        }
+        self.traced = type(f"{name}_traced", (torch.autograd.Function,), methods)
+        self.eager = type(f"{name}_function", (torch.autograd.Function,), {**methods, "jvp": staticmethod(jvp)})
+
+    def apply(self, *args):
+        if torch.compiler.is_compiling():
+            return self.op(*args) if self.traced_directly else self.traced.apply(*args)
+        return self.eager.apply(*args)
+
+
+def autograd_function(name: str, op, setup_context, backward) -> DifferentiableOp:
+    """``op`` with the op's own setup/backward as ``autograd.Function``s (see the module docstring)."""
+    return DifferentiableOp(name, op, setup_context, backward)
+
+
+def _once_differentiable(name: str, op) -> DifferentiableOp:
+    """A backward op whose own derivatives raise ``double_backward_error`` (reverse) and ``forward_mode_error``
+    (forward over reverse), instead of the silent zeros of an op without a formula."""
+
+    def backward(ctx, *grads):
+        raise double_backward_error(name)
+
+    # Traced (inside a compiled backward) the op is called directly: Dynamo traces no function inside a backward.
+    return DifferentiableOp(name, op, lambda ctx, inputs, output: None, backward, traced_directly=True)
+
+
+def register_batch_vmap(op, name: str, batched: tuple[int, ...], tau_index: int) -> None:
+    """vmap rule for an op whose tensor arguments at ``batched`` (and all outputs) are ``(B, ...)``: the vmapped
+    dimension folds into B. ``tau`` (argument ``tau_index``) must be the same for the whole vmapped batch."""
+    if not hasattr(torch.library, "register_vmap"):
+        return
+
+    def rule(info, in_dims, *args):
+        if in_dims[tau_index] is not None:
+            raise ValueError(f"vmap over tau is not supported by triton_sort.{name}: pass one tau for the whole batch")
+        size = info.batch_size
+        args = list(args)
+        for index in batched:
+            value, dim = args[index], in_dims[index]
+            value = value.movedim(dim, 0) if dim is not None else value.expand(size, *value.shape)
+            args[index] = value.reshape(size * value.shape[1], *value.shape[2:])
+        outputs = op(*args)
+        single = isinstance(outputs, Tensor)
+        outputs = (outputs,) if single else outputs
+        outputs = tuple(out.reshape(size, out.shape[0] // size, *out.shape[1:]) for out in outputs)
+        return (outputs[0], 0) if single else (outputs, (0,) * len(outputs))
+
+    torch.library.register_vmap(op, rule)
 
 
 # ----------------------------------------------------------------------------------------- P_hat @ x (streaming)
 @torch.library.custom_op("triton_sort::apply", mutates_args=())
-def sort_apply(scores: Tensor, x: Tensor, tau: float, descending: bool, hard: bool, banded: bool,
-               backend: str) -> tuple[Tensor, Tensor]:
-    """Returns (out, norm): out = P_hat @ x (or x in exact sorted order if ``hard``); norm = the row sums in sorted
-    order (float64), all the backward keeps of the forward."""
-    _check_finite_scores(scores)
-    terms = sorted_terms(scores, tau, banded)
-    sorted_out, norm = BACKENDS[backend].apply_forward(terms, _to_sorted(x, terms.order), tau)
+def sort_apply(scores: Tensor, x: Tensor, tau: Tensor, descending: bool, hard: bool, banded: bool,
+               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (out, norm, *sorted terms): out = P_hat @ x (or x in exact sorted order if ``hard``), by output row;
+    norm = the row sums in sorted order (float64); the terms (``TERM_FIELDS``) for the backward."""
+    validate_data(scores, x, tau)
+    impl = BACKENDS[backend]
+    terms = impl.prepare(scores, tau, banded)
+    out, norm = impl.apply_forward(terms, x, tau, descending, banded)
     if hard:
-        order = hard_order(scores, descending)
-        return torch.gather(x, 1, order[..., None].expand_as(x)), norm
-    return sorted_out[:, output_rows(terms.n, descending, x.device)], norm
+        out = torch.gather(x, 1, hard_order(scores, descending)[..., None].expand_as(x))
+    return (out, norm, *terms.tensors())
 
 
 @sort_apply.register_fake
 def _(scores, x, tau, descending, hard, banded, backend):
-    return torch.empty_like(x), scores.new_empty(scores.shape, dtype=torch.float64)
+    return (torch.empty_like(x), scores.new_empty(scores.shape, dtype=torch.float64),
+            *_fake_terms(scores, backend, banded))
 
 
 @torch.library.custom_op("triton_sort::apply_backward", mutates_args=())
-def sort_apply_backward(scores: Tensor, x: Tensor, grad: Tensor, norm: Tensor, tau: float, descending: bool,
-                        banded: bool, backend: str) -> tuple[Tensor, Tensor]:
-    """Gradients (d_scores (B, n), d_x (B, n, d)) of P_hat @ x, recomputing P_hat tile by tile."""
-    terms = sorted_terms(scores, tau, banded)
-    rows = output_rows(terms.n, descending, x.device)  # an involution: output row i <-> sorted row rows[i]
-    sorted_dx, u, r = BACKENDS[backend].apply_backward(terms, _to_sorted(x, terms.order), grad[:, rows], norm, tau)
-    return _scores_gradient(terms, u, r, tau, scores.dtype), _from_sorted(sorted_dx, terms.order)
+def sort_apply_backward(x: Tensor, grad: Tensor, norm: Tensor, tau: Tensor, order: Tensor, t: Tensor, w: Tensor,
+                        count: Tensor, less: Tensor, not_greater: Tensor, lower: Tensor, upper: Tensor,
+                        descending: bool, banded: bool, backend: str,
+                        need_tau: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(d_scores (B, n), d_x (B, n, d), tau terms) of P_hat @ x, recomputing P_hat tile by tile from the forward's
+    terms. The tau terms are ``sum_pm dz_pm D_p(m)`` per batch row, (B,) float64, or ``(B, 0)`` unless ``need_tau``:
+    ``dL/dtau`` is their sum over ``tau^2``."""
+    terms = SortedTerms(order, t, w, count, less, not_greater, lower, upper)
+    d_scores, d_x, tau_terms = BACKENDS[backend].apply_backward(terms, x, grad, norm, tau, descending, banded,
+                                                                need_tau)
+    if tau_terms is None:
+        tau_terms = norm.new_empty((norm.shape[0], 0))
+    return d_scores, d_x, tau_terms
 
 
 @sort_apply_backward.register_fake
-def _(scores, x, grad, norm, tau, descending, banded, backend):
-    return torch.empty_like(scores), torch.empty_like(x)
+def _(x, grad, norm, tau, order, t, w, count, less, not_greater, lower, upper, descending, banded, backend,
+      need_tau):
+    batch, n = norm.shape
+    return (x.new_empty((batch, n)), torch.empty_like(x), norm.new_empty((batch,) if need_tau else (batch, 0)))
+
+
+def tau_gradient(tau: Tensor, tau_terms: Tensor) -> Tensor:
+    """dL/dtau = sum_pm dz_pm D_p(m) / tau^2 (the logits are -D / tau) from the per-row terms (..., B)."""
+    return tau_terms.sum() / (tau * tau)
 
 
 def _apply_setup_context(ctx, inputs, output):
-    scores, x, tau, descending, _, banded, backend = inputs
-    ctx.save_for_backward(scores, x, output[1])
-    ctx.tau, ctx.descending, ctx.banded, ctx.backend = tau, descending, banded, backend
+    _scores, x, tau, descending, _, banded, backend = inputs
+    ctx.save_for_backward(x, tau, *output[1:])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.descending, ctx.banded, ctx.backend = descending, banded, backend
 
 
-def _apply_backward(ctx, grad_out, grad_norm):
-    scores, x, norm = ctx.saved_tensors
-    d_scores, d_x = sort_apply_backward(scores, x, grad_out, norm, ctx.tau, ctx.descending, ctx.banded, ctx.backend)
-    return d_scores, d_x, None, None, None, None, None
+def _apply_backward(ctx, grad_out, *_):
+    x, tau, norm, *terms = ctx.saved_tensors
+    need_tau = ctx.needs_input_grad[2]
+    d_scores, d_x, tau_terms = SortApplyBackward.apply(x, grad_out.contiguous(), norm, tau, *terms, ctx.descending,
+                                                       ctx.banded, ctx.backend, need_tau)
+    return (d_scores, d_x, tau_gradient(tau, tau_terms) if need_tau else None, None, None, None, None)
 
 
 sort_apply.register_autograd(_apply_backward, setup_context=_apply_setup_context)
+register_batch_vmap(sort_apply, "relaxed_sort_apply", batched=(0, 1), tau_index=2)
+register_batch_vmap(sort_apply_backward, "relaxed_sort_apply", batched=(0, 1, 2, *range(4, 12)), tau_index=3)
+SortApplyBackward = _once_differentiable("relaxed_sort_apply", sort_apply_backward)
+SortApply = autograd_function("relaxed_sort_apply", sort_apply, _apply_setup_context, _apply_backward)
 
 
 # ------------------------------------------------------------------------------------------ materialised P_hat
 @torch.library.custom_op("triton_sort::matrix", mutates_args=())
-def sort_matrix(scores: Tensor, tau: float, descending: bool, hard: bool, banded: bool, backend: str) -> Tensor:
-    """P_hat (B, n, n); if ``hard``, the exact permutation matrix (stable for ties)."""
-    _check_finite_scores(scores)
+def sort_matrix(scores: Tensor, tau: Tensor, descending: bool, hard: bool, banded: bool,
+                backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(P_hat (B, n, n), *sorted terms); if ``hard``, the exact permutation matrix (stable for ties)."""
+    validate_data(scores, None, tau)
+    impl = BACKENDS[backend]
+    terms = impl.prepare(scores, tau, banded)
     if hard:
         order = hard_order(scores, descending)
-        return torch.zeros(*scores.shape, scores.shape[-1], dtype=scores.dtype, device=scores.device).scatter_(
+        out = torch.zeros(*scores.shape, scores.shape[-1], dtype=scores.dtype, device=scores.device).scatter_(
             -1, order[..., None], 1.0)
-    return BACKENDS[backend].matrix_forward(sorted_terms(scores, tau, banded), tau, descending, scores.dtype)
+    else:
+        out = impl.matrix_forward(terms, tau, descending, banded, scores.dtype)
+    return (out, *terms.tensors())
 
 
 @sort_matrix.register_fake
 def _(scores, tau, descending, hard, banded, backend):
-    return scores.new_empty((*scores.shape, scores.shape[-1]))
+    return (scores.new_empty((*scores.shape, scores.shape[-1])), *_fake_terms(scores, backend, banded))
 
 
 @torch.library.custom_op("triton_sort::matrix_backward", mutates_args=())
-def sort_matrix_backward(scores: Tensor, grad: Tensor, soft: Tensor, tau: float, descending: bool) -> Tensor:
-    """d_scores (B, n) from dL/dP_hat (B, n, n). O(n^2) like the matrix itself; the same for both backends.
-
-    Entries outside the band are exactly 0 in ``soft``, so they get no gradient, as in the banded forward."""
-    terms = sorted_terms(scores, tau, banded=False)
+def sort_matrix_backward(grad: Tensor, soft: Tensor, tau: Tensor, order: Tensor, t: Tensor, w: Tensor,
+                         count: Tensor, less: Tensor, not_greater: Tensor, descending: bool,
+                         need_tau: bool) -> tuple[Tensor, Tensor]:
+    """(d_scores (B, n), tau terms (B,) or (B, 0)) from dL/dP_hat (B, n, n). O(n^2) like the matrix itself; the same
+    for both backends. Entries outside the band are exactly 0 in ``soft``, so they get no gradient, as in the banded
+    forward."""
+    terms = SortedTerms(order, t, w, count, less, not_greater, order[:, :0], order[:, :0])
     work = torch.float64
+    # Into sorted coordinates (row p, column m), where the weights are exp(-D_p(m) / tau) / l_p.
+    index = order[:, None, :].expand_as(soft)
+    p = torch.gather(rows_to_output(soft, descending).to(work), 2, index)
+    g = torch.gather(rows_to_output(grad, descending).to(work), 2, index)
     # Renormalised in float64: rows summing to 1 up to the output dtype's rounding would rescale whole rows of dz,
     # and d_scores sums rows whose contributions largely cancel.
-    p, g = soft.to(work), grad.to(work)
     p = p / p.sum(-1, keepdim=True)
     dz = p * (g - (p * g).sum(-1, keepdim=True))
-    n = scores.shape[-1]
-    c = 2 * output_rows(n, descending, scores.device).to(work) - (n - 1)  # c of output row i = c of its sorted row
-    count = _from_sorted(terms.count, terms.order).to(work)
-    u = (dz * (c[None, :, None] - count[:, None, :])).sum(-2)
-    return _scores_gradient(terms, _to_sorted(u, terms.order), _to_sorted(dz.sum(-2), terms.order), tau,
-                            scores.dtype)
+    n = order.shape[-1]
+    u = ((positions(n, order.device, 2, 1 - n)[:, None] - count[:, None, :]) * dz).sum(1)
+    d_scores = signed_sum_gradient(terms, u, dz.sum(1), tau, soft.dtype)
+    if not need_tau:
+        return d_scores, t.new_empty((t.shape[0], 0))
+    drop = (t[:, :, None] - t[:, None, :]).mul_(positions(n, t.device, 2, -1)[:, None])
+    drop.sub_((w[:, :, None] - w[:, None, :]).mul_(2))
+    return d_scores, (dz * drop).sum((1, 2))
 
 
 @sort_matrix_backward.register_fake
-def _(scores, grad, soft, tau, descending):
-    return torch.empty_like(scores)
+def _(grad, soft, tau, order, t, w, count, less, not_greater, descending, need_tau):
+    batch, n = order.shape
+    return soft.new_empty((batch, n)), t.new_empty((batch,) if need_tau else (batch, 0))
 
 
 def _matrix_setup_context(ctx, inputs, output):
     scores, tau, descending, hard, banded, backend = inputs
     # The hard forward is a permutation: the relaxed matrix is recomputed for the straight-through gradient.
-    ctx.save_for_backward(scores, None if hard else output)
-    ctx.tau, ctx.descending, ctx.hard, ctx.banded, ctx.backend = tau, descending, hard, banded, backend
+    ctx.save_for_backward(scores, tau, None if hard else output[0], *output[1:])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.descending, ctx.hard, ctx.banded, ctx.backend = descending, hard, banded, backend
 
 
-def _matrix_backward(ctx, grad):
-    scores, soft = ctx.saved_tensors
+def _matrix_backward(ctx, grad, *_):
+    scores, tau, soft, *terms = ctx.saved_tensors
     if ctx.hard:
-        soft = sort_matrix(scores, ctx.tau, ctx.descending, False, ctx.banded, ctx.backend)
-    return sort_matrix_backward(scores, grad, soft, ctx.tau, ctx.descending), None, None, None, None, None
+        soft = sort_matrix(scores, tau, ctx.descending, False, ctx.banded, ctx.backend)[0]
+    need_tau = ctx.needs_input_grad[1]
+    d_scores, tau_terms = SortMatrixBackward.apply(grad.contiguous(), soft, tau, *terms[:6], ctx.descending,
+                                                   need_tau)
+    return d_scores, tau_gradient(tau, tau_terms) if need_tau else None, None, None, None, None
 
 
 sort_matrix.register_autograd(_matrix_backward, setup_context=_matrix_setup_context)
+register_batch_vmap(sort_matrix, "relaxed_sort_matrix", batched=(0,), tau_index=1)
+register_batch_vmap(sort_matrix_backward, "relaxed_sort_matrix", batched=(0, 1, *range(3, 9)), tau_index=2)
+SortMatrixBackward = _once_differentiable("relaxed_sort_matrix", sort_matrix_backward)
+SortMatrix = autograd_function("relaxed_sort_matrix", sort_matrix, _matrix_setup_context, _matrix_backward)
