@@ -8,6 +8,7 @@ here. Must run without ``TRITON_INTERPRET=1`` (interpreted kernels cannot be com
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -35,6 +36,7 @@ class CompileJob:
     dtype: torch.dtype
     block_d: int = 1
     single_d_chunk: bool = True
+    need_tau: bool = False  # apply_backward only: the variant that also accumulates the tau gradient
 
     def source(self) -> ASTSource:
         value = "*" + VALUE_DTYPES[self.dtype]
@@ -55,13 +57,13 @@ class CompileJob:
                          "SCALE": f64}
             return _source(apply_delta_kernel, signature, constants)
         signature = {**sorted_terms, "ROW_START": i32, "ROW_END": i32, "CNT": f32, "X": value, "G": value,
-                     "NORM": f64, "DELTA": f64, "DX": value, "U": f64, "R": f64, "n": "i32", "d": "i32",
-                     "num_col_tiles": "i32", "SCALE": f64}
-        return _source(apply_backward_kernel, signature, constants)
+                     "NORM": f64, "DELTA": f64, "DX": value, "U": f64, "R": f64, "TAU_TERMS": f64, "n": "i32",
+                     "d": "i32", "num_col_tiles": "i32", "SCALE": f64}
+        return _source(apply_backward_kernel, signature, {**constants, "NEED_TAU": self.need_tau})
 
     def describe(self) -> dict:
         return {"kernel": self.kernel, **self.config.as_dict(), "block_d": self.block_d,
-                "dtype": VALUE_DTYPES[self.dtype], "single_d_chunk": self.single_d_chunk}
+                "dtype": VALUE_DTYPES[self.dtype], "single_d_chunk": self.single_d_chunk, "need_tau": self.need_tau}
 
 
 def _source(fn, signature: dict[str, str], constants: dict) -> ASTSource:
@@ -69,7 +71,14 @@ def _source(fn, signature: dict[str, str], constants: dict) -> ASTSource:
 
 
 def all_jobs() -> Iterator[CompileJob]:
-    """Every (kernel, configuration, block_d, dtype) combination the launchers can produce."""
+    """Every (kernel, configuration, block_d, dtype, variant) combination the launchers can produce."""
+    for job in _jobs_without_tau_variants():
+        yield job
+        if job.kernel == "apply_backward":
+            yield dataclasses.replace(job, need_tau=True)
+
+
+def _jobs_without_tau_variants() -> Iterator[CompileJob]:
     for dtype in VALUE_DTYPES:
         for config in candidate_configs("matrix_forward"):
             yield CompileJob("matrix_forward", config, dtype)

@@ -77,16 +77,18 @@ def apply_delta(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, x: Tensor, g
 
 
 def apply_backward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, count: Tensor, x: Tensor, grad: Tensor,
-                   norm: Tensor, delta: Tensor, scale: Tensor,
-                   config: KernelConfig | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                   norm: Tensor, delta: Tensor, scale: Tensor, need_tau: bool = False,
+                   config: KernelConfig | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Column pass of the backward in sorted coordinates; norm, delta float64.
-    Returns (dx (B, n, d) in x.dtype, u (B, n) float64, r (B, n) float64)."""
+    Returns (dx (B, n, d) in x.dtype, u (B, n) float64, r (B, n) float64, and if ``need_tau`` the per-column terms
+    sum_p dz_pm D_p(m) (B, n) float64, else None)."""
     batch, n, d = x.shape
     dx = torch.empty_like(x)
     u = torch.zeros((batch, n), device=x.device, dtype=torch.float64)
     r = torch.zeros((batch, n), device=x.device, dtype=torch.float64)
+    tau_terms = torch.zeros((batch, n), device=x.device, dtype=torch.float64) if need_tau else None
     if batch == 0 or n == 0 or d == 0:
-        return dx, u, r
+        return dx.zero_(), u, r, tau_terms
     block_d = block_d_for(d)
     cfg = config or launch_config("apply_backward", n=n, d=d, dtype=x.dtype, device=x.device)
     # Rows whose windows reach column tile [m0, m1]: R_p >= m0 and L_p <= m1 (both non-decreasing in p).
@@ -96,9 +98,9 @@ def apply_backward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, count: Te
     row_end = torch.searchsorted(lower, tile_last.contiguous(), right=True).to(torch.int32)
     grid = (tile_first.shape[1], batch, triton.cdiv(d, block_d))
     apply_backward_kernel[grid](
-        t, w, lower, upper, row_start, row_end, count, x, grad, norm, delta, dx, u, r, n, d,
-        tile_first.shape[1], scale,
+        t, w, lower, upper, row_start, row_end, count, x, grad, norm, delta, dx, u, r,
+        tau_terms if need_tau else u, n, d, tile_first.shape[1], scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, DOT_PRECISION=dot_precision(x.dtype),
-        SINGLE_D_CHUNK=d <= block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SINGLE_D_CHUNK=d <= block_d, NEED_TAU=need_tau, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return dx, u, r
+    return dx, u, r, tau_terms

@@ -37,11 +37,17 @@ def _column_anchor(t_m, w_m, b, t_b, w_b):
 
 
 @triton.jit
-def _scaled_logits(rows, t_p, w_p, b, t_b, w_b, offset, twice_v, inside, scale):
-    """-D_p(m) * scale as fp32 (BLOCK_M, BLOCK_N); -inf outside each row's window. scale = log2(e) / tau (float64)."""
+def _drops(rows, t_p, w_p, b, t_b, w_b, offset, twice_v):
+    """D_p(m) in float64 (BLOCK_M, BLOCK_N) from the tile's anchor b: two float64 operations per element."""
     drop_at_anchor = (2 * rows - 1).to(tl.float64) * (t_p - t_b) - 2.0 * (w_p - w_b)
     slope = (2 * (b - rows) + 1).to(tl.float64)
-    drop = drop_at_anchor[:, None] + slope[:, None] * offset[None, :] + twice_v[None, :]
+    return drop_at_anchor[:, None] + slope[:, None] * offset[None, :] + twice_v[None, :]
+
+
+@triton.jit
+def _scaled_logits(rows, t_p, w_p, b, t_b, w_b, offset, twice_v, inside, scale):
+    """-D_p(m) * scale as fp32 (BLOCK_M, BLOCK_N); -inf outside each row's window. scale = log2(e) / tau (float64)."""
+    drop = _drops(rows, t_p, w_p, b, t_b, w_b, offset, twice_v)
     return tl.where(inside, (-scale * drop).to(tl.float32), float("-inf"))
 
 
@@ -242,16 +248,18 @@ def apply_delta_kernel(
 
 @triton.jit
 def apply_backward_kernel(
-    T, W, LOWER, UPPER, ROW_START, ROW_END, CNT, X, G, NORM, DELTA, DX, U, R, n, d, num_col_tiles, SCALE,
+    T, W, LOWER, UPPER, ROW_START, ROW_END, CNT, X, G, NORM, DELTA, DX, U, R, TAU_TERMS, n, d, num_col_tiles, SCALE,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SINGLE_D_CHUNK: tl.constexpr,
+    SINGLE_D_CHUNK: tl.constexpr, NEED_TAU: tl.constexpr,
 ):
     """Column pass of the backward (as dK/dV in FlashAttention-2), one program per (column tile, B, d chunk).
 
     With dz_pm = P_pm (g_p . x_m - Delta_p) it accumulates over the rows whose windows reach the tile
     (ROW_START..ROW_END - 1, precomputed): DX[b, m] = sum_p P_pm g_p, U[b, m] = sum_p (c_p - cnt_m) dz_pm with
-    c_p = 2p - n + 1 (small near the peak, which avoids cancelling two sums of size n r_m), R[b, m] = sum_p dz_pm.
-    CNT: (B, n) fp32; NORM, DELTA, U, R: (B, n) float64; ROW_START, ROW_END: (B, num_col_tiles) int32;
+    c_p = 2p - n + 1 (small near the peak, which avoids cancelling two sums of size n r_m), R[b, m] = sum_p dz_pm
+    and, if NEED_TAU, TAU_TERMS[b, m] = sum_p dz_pm D_p(m) (dL/dtau is their total over tau^2: the logits are
+    -D / tau), from the drops the tile computes anyway.
+    CNT: (B, n) fp32; NORM, DELTA, U, R, TAU_TERMS: (B, n) float64; ROW_START, ROW_END: (B, num_col_tiles) int32;
     X, G, DX: (B, n, d).
     """
     pid_n = tl.program_id(0).to(tl.int64)
@@ -285,6 +293,7 @@ def apply_backward_kernel(
     dx_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float64)
     u_acc = tl.zeros([BLOCK_N], tl.float64)
     r_acc = tl.zeros([BLOCK_N], tl.float64)
+    tau_acc = tl.zeros([BLOCK_N], tl.float64)
     for start in range(row_start, row_end, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_mask = rows < n
@@ -292,7 +301,8 @@ def apply_backward_kernel(
         norm = tl.load(NORM + rows_c)
         delta = tl.load(DELTA + rows_c)
         inside = (cols[None, :] >= lower[:, None]) & (cols[None, :] <= upper[:, None]) & row_mask[:, None]
-        z = _scaled_logits(rows_c, t_p, w_p, anchor, t_b, w_b, offset, twice_v, inside, scale)
+        drop = _drops(rows_c, t_p, w_p, anchor, t_b, w_b, offset, twice_v)
+        z = tl.where(inside, (-scale * drop).to(tl.float32), float("-inf"))
         p64 = tl.math.exp2(z).to(tl.float64) / norm[:, None]
         p = p64.to(tl.float32)
         row_offsets = rows_c.to(tl.int64)[:, None] * d
@@ -304,6 +314,8 @@ def apply_backward_kernel(
         coefficient = (2 * rows_c - n + 1).to(tl.float64)
         u_acc += tl.sum((coefficient[:, None] - cnt.to(tl.float64)[None, :]) * dz, axis=0)
         r_acc += tl.sum(dz, axis=0)
+        if NEED_TAU:
+            tau_acc += tl.sum(tl.where(inside, dz * drop, 0.0), axis=0)
         dx_acc += _tile_matmul(tl.trans(p), g_own, BLOCK_D, DOT_PRECISION)
 
     tl.store(DX + cols.to(tl.int64)[:, None] * d + own_dims[None, :],
@@ -311,3 +323,5 @@ def apply_backward_kernel(
     if pid_d == 0:
         tl.store(U + pid_b * n + cols, u_acc, mask=col_mask)
         tl.store(R + pid_b * n + cols, r_acc, mask=col_mask)
+        if NEED_TAU:
+            tl.store(TAU_TERMS + pid_b * n + cols, tau_acc, mask=col_mask)

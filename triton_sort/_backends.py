@@ -330,9 +330,10 @@ class TritonBackend:
         inputs = {**self._inputs(terms, tau), "x": to_sorted(x, terms.order).contiguous(),
                   "grad": rows_to_output(grad, descending).contiguous(), "norm": norm}
         delta = launch.apply_delta(**inputs)
-        dx, u, r = launch.apply_backward(**inputs, count=terms.count.float().contiguous(), delta=delta)
+        dx, u, r, tau_terms = launch.apply_backward(**inputs, count=terms.count.float().contiguous(), delta=delta,
+                                                    need_tau=need_tau)
         d_scores = signed_sum_gradient(terms, u, r, tau, x.dtype)
-        return d_scores, from_sorted(dx, terms.order), None
+        return d_scores, from_sorted(dx, terms.order), tau_terms.sum(-1) if need_tau else None
 
 
 BACKENDS = {"torch": TorchBackend(), "triton": TritonBackend()}
