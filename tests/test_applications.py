@@ -251,8 +251,8 @@ def test_knn_stochastic_and_bad_inputs():
     knn.eval()
     assert float(knn(queries, candidates, labels, query_labels)) == float(knn(queries, candidates, labels,
                                                                               query_labels))
-    for k in (0, 1.5, True):
-        with pytest.raises(ValueError, match="k must be a positive int"):
+    for k, error in ((0, ValueError), (-2, ValueError), (1.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="k must be an int"):
             DifferentiableKNN(k=k)
     with pytest.raises(ValueError, match="queries and candidates"):
         knn(queries, torch.randn(6, 3), labels, query_labels)

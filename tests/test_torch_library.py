@@ -69,6 +69,8 @@ def test_compile_fullgraph(backend, hard):
         torch.testing.assert_close(traced, eager)
 
 
+@pytest.mark.xfail(strict=True, reason="NeuralSort passes its tau buffer as a tensor; check_tau's .item() cannot be "
+                   "traced until tau is a tensor input of the custom ops (core op change)")
 def test_compile_module_inductor():
     torch._dynamo.reset()
     layer = NeuralSort(tau=0.5, backend="torch")
