@@ -8,8 +8,8 @@ Layout (``SCHEMA`` 1; the package's shipped defaults in ``autotune/tuned/`` use 
 
 Writers take an exclusive ``flock`` on ``<file>.lock`` around read-merge-write and replace the file atomically
 (temporary file + ``os.replace``), so concurrent tuners lose nothing and readers, which take no lock, never see a
-half-written file. A file that cannot be used (bad JSON, another schema or Triton version) raises ``CacheProblem``
-on reading and is replaced on the next write.
+half-written file. A file that cannot be used (unreadable, not UTF-8, not JSON, another layout, schema or Triton
+version) raises ``CacheProblem`` on reading (``read``) and is replaced, with a warning, on the next write.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ import contextlib
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 try:
     import fcntl
@@ -27,6 +29,9 @@ except ImportError:  # not on Linux: Triton (and so tuning) is Linux-only, readi
     fcntl = None
 
 from .keys import DeviceKey
+
+if TYPE_CHECKING:
+    from importlib.abc import Traversable
 
 SCHEMA = 1
 
@@ -63,6 +68,23 @@ def parse(text: str, *, triton_version: str | None = None) -> dict:
     return doc
 
 
+def read(path: Path | Traversable, *, triton_version: str | None = None) -> dict | None:
+    """The checked document in the file ``path`` (as ``parse``), or None if there is no such file. Anything that
+    makes the file unusable, including an ``OSError`` while reading it or bytes that are not UTF-8, is a
+    ``CacheProblem``."""
+    try:
+        if not path.is_file():
+            return None
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CacheProblem(f"cannot be read ({exc})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CacheProblem(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    return parse(text, triton_version=triton_version)
+
+
 def new_document(device: DeviceKey, triton_version: str) -> dict:
     return {"schema": SCHEMA, "device": device.name, "arch": device.arch, "device_name": device.full_name,
             "triton": triton_version, "kernels": {}}
@@ -97,8 +119,11 @@ def record(path: Path, device: DeviceKey, triton_version: str, kernel: str, sour
     path.parent.mkdir(parents=True, exist_ok=True)
     with _locked(path):
         try:
-            doc = parse(path.read_text(), triton_version=triton_version)
-        except (OSError, CacheProblem):
+            doc = read(path, triton_version=triton_version)
+        except CacheProblem as problem:
+            warnings.warn(f"{path}: {problem}; starting a fresh tuning file", RuntimeWarning, stacklevel=2)
+            doc = None
+        if doc is None:
             doc = new_document(device, triton_version)
         table = doc["kernels"].get(kernel)
         if table is None or table.get("source_hash") != source_hash:

@@ -13,49 +13,77 @@ import sys
 
 import torch
 
+from ..kernels.configs import KERNEL_NAMES
+
 GPU_DEFAULTS = {"n": [256, 1024, 4096, 16384, 65536], "d": [1, 16, 64, 128], "dtype": ["fp32", "fp16", "bf16"]}
 INTERPRETER_DEFAULTS = {"n": [32], "d": [1], "dtype": ["fp32"]}
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (empty launches must not be tuned into the cache)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="triton-sort autotune", description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, nargs="+", help="list lengths to tune for (each tunes its power-of-two "
+    positive = _positive_int
+    parser.add_argument("--n", type=positive, nargs="+", help="list lengths to tune for (each tunes its power-of-two "
                         f"bucket; default {GPU_DEFAULTS['n']}, interpreter {INTERPRETER_DEFAULTS['n']})")
-    parser.add_argument("--d", type=int, nargs="+", help=f"value widths (default {GPU_DEFAULTS['d']})")
+    parser.add_argument("--d", type=positive, nargs="+", help=f"value widths (default {GPU_DEFAULTS['d']})")
     parser.add_argument("--dtype", nargs="+", choices=GPU_DEFAULTS["dtype"], help="value dtypes (default all)")
-    parser.add_argument("--kernel", nargs="+", help="kernels to tune (default all)")
-    parser.add_argument("--batch", type=int, help="batch rows while tuning (default: enough for 2^22 entries)")
-    parser.add_argument("--reps", type=int, default=3, help="timed calls per candidate off-GPU (median)")
+    parser.add_argument("--kernel", nargs="+", choices=KERNEL_NAMES, help="kernels to tune (default all)")
+    parser.add_argument("--batch", type=positive, help="batch rows while tuning (default: enough for 2^22 entries)")
+    parser.add_argument("--reps", type=positive, default=3, help="timed calls per candidate off-GPU (median)")
     parser.add_argument("--force", action="store_true", help="re-tune keys that are already in the cache")
     parser.add_argument("--show", action="store_true", help="print the tuning cache and exit")
     parser.add_argument("--allow-interpreter", action="store_true",
                         help="without a GPU, run the tuning loop in Triton's interpreter (timings are meaningless)")
-    parser.add_argument("--arch", type=int, help="compute capability to prune for under the interpreter (80)")
-    parser.add_argument("--max-shared", type=int, help="override the device's shared memory per block (bytes)")
+    parser.add_argument("--arch", type=positive, help="compute capability to prune for under the interpreter (80)")
+    parser.add_argument("--max-shared", type=positive, help="override the device's shared memory per block (bytes)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 def show() -> int:
     """Print every tuning file of the cache directory: device, Triton version, and one line per entry."""
-    from .cache import CacheProblem, cache_dir, parse
+    from .cache import CacheProblem, cache_dir, read
 
     files = sorted((cache_dir() / "autotune").glob("*.json"))
     if not files:
         print(f"no tuning results in {cache_dir() / 'autotune'}")
     for path in files:
         try:
-            doc = parse(path.read_text())
-        except (OSError, CacheProblem) as problem:
+            doc = read(path)
+        except CacheProblem as problem:
             print(f"{path}: unusable ({problem})")
             continue
+        if doc is None:
+            continue  # removed since the listing
         print(f"{path}: {doc.get('device_name') or doc.get('device')} ({doc.get('arch')}), Triton {doc.get('triton')}")
         for kernel, table in sorted(doc["kernels"].items()):
             for key, entry in sorted(table["entries"].items()):
-                print(f"  {kernel:<16} {key:<18} {json.dumps(entry.get('config'))}  "
-                      f"{entry.get('time_ms', float('nan')):.4g} ms, {entry.get('speedup', float('nan')):.2f}x "
-                      f"the default ({entry.get('timer', '?')})")
+                print(f"  {kernel:<16} {key:<18} {_describe(entry)}")
     return 0
+
+
+def _describe(entry: object) -> str:
+    """One entry's configuration, time and speed-up; what is missing or malformed is said, not fatal."""
+    if not isinstance(entry, dict):
+        return f"malformed entry ({type(entry).__name__}, expected an object)"
+
+    def number(field: str, spec: str) -> str:
+        value = entry.get(field)
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return format(value, spec) if is_number else "?"
+
+    return (f"{json.dumps(entry.get('config'))}  {number('time_ms', '.4g')} ms, {number('speedup', '.2f')}x "
+            f"the default ({entry.get('timer', '?')})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,10 +114,6 @@ def main(argv: list[str] | None = None) -> int:
         print("triton-sort autotune: this process loaded the kernels without TRITON_INTERPRET; run it in a fresh "
               "process")
         return 1
-    unknown = set(args.kernel or ()) - set(KERNELS)
-    if unknown:
-        print(f"triton-sort autotune: unknown kernel(s) {sorted(unknown)}; known: {sorted(KERNELS)}")
-        return 2
     defaults = GPU_DEFAULTS if on_gpu else INTERPRETER_DEFAULTS
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     key = device_key(device)

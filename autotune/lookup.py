@@ -88,23 +88,13 @@ def usable_entries(doc: dict, origin: str) -> dict[str, dict[str, dict]]:
     return usable
 
 
-def _read(text: str | None, origin: str, triton: str | None) -> dict[str, dict[str, dict]]:
-    if text is None:
-        return {}
+def _read(path: Traversable | Path, origin: str, triton: str | None) -> dict[str, dict[str, dict]]:
     try:
-        doc = cache.parse(text, triton_version=triton)
+        doc = cache.read(path, triton_version=triton)
     except cache.CacheProblem as problem:
         warn_once(f"{origin}: {problem}; ignoring it (re-run `triton-sort autotune`)")
         return {}
-    return usable_entries(doc, origin)
-
-
-def _read_text(path: Traversable | Path) -> str | None:
-    try:
-        return path.read_text() if path.is_file() else None
-    except OSError as exc:
-        warn_once(f"cannot read {path}: {exc}; ignoring it")
-        return None
+    return {} if doc is None else usable_entries(doc, origin)
 
 
 def device_table(device: DeviceKey) -> Table:
@@ -116,8 +106,8 @@ def device_table(device: DeviceKey) -> Table:
     if device not in _TABLES:
         table: Table = {}
         path = cache.cache_path(device)
-        shipped = _read(_read_text(SHIPPED / f"{device.stem}.json"), f"shipped tuning for {device.stem}", None)
-        user = _read(_read_text(path), str(path), triton_version())
+        shipped = _read(SHIPPED / f"{device.stem}.json", f"shipped tuning for {device.stem}", None)
+        user = _read(path, str(path), triton_version())
         for source in (shipped, user):
             for kernel, entries in source.items():
                 for key, entry in entries.items():

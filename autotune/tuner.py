@@ -189,9 +189,10 @@ def tune(tasks: list[Task], *, device: torch.device, limits: DeviceLimits, batch
 
 def _cached_keys(path, triton: str) -> dict[str, dict[str, dict]]:
     try:
-        return lookup.usable_entries(cache.parse(path.read_text(), triton_version=triton), str(path))
-    except (OSError, cache.CacheProblem):
-        return {}
+        doc = cache.read(path, triton_version=triton)
+    except cache.CacheProblem:
+        return {}  # record() warns about the file and replaces it
+    return {} if doc is None else lookup.usable_entries(doc, str(path))
 
 
 def _tune_one(task: Task, metadata: list[dict], dev: DeviceKey, path, triton: str, device: torch.device,

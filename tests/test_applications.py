@@ -83,7 +83,8 @@ def test_topk_gradcheck(shape, descending):
 
 def test_topk_opcheck(backend):
     scores = torch.randn(2, 9, dtype=working_dtype(backend), device=DEVICE, requires_grad=True)
-    torch.library.opcheck(torch.ops.triton_sort.topk.default, (scores, 3, 0.5, True, True, backend),
+    tau = torch.tensor(0.5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.triton_sort.topk.default, (scores, 3, tau, True, True, backend),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
@@ -251,8 +252,8 @@ def test_knn_stochastic_and_bad_inputs():
     knn.eval()
     assert float(knn(queries, candidates, labels, query_labels)) == float(knn(queries, candidates, labels,
                                                                               query_labels))
-    for k in (0, 1.5, True):
-        with pytest.raises(ValueError, match="k must be a positive int"):
+    for k, error in ((0, ValueError), (-2, ValueError), (1.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="k must be an int"):
             DifferentiableKNN(k=k)
     with pytest.raises(ValueError, match="queries and candidates"):
         knn(queries, torch.randn(6, 3), labels, query_labels)

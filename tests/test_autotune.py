@@ -135,8 +135,8 @@ def test_lookup_prefers_the_user_cache_then_shipped_then_default_and_uses_the_ne
 def test_lookup_is_memoised_and_reads_each_file_once(monkeypatch):
     _record("apply_forward", "fp32/d1/n64", candidate_configs("apply_forward", 1)[1])
     reads = []
-    original = lookup._read_text
-    monkeypatch.setattr(lookup, "_read_text", lambda path: reads.append(path) or original(path))
+    original = cache.read
+    monkeypatch.setattr(cache, "read", lambda path, **kwargs: reads.append(path) or original(path, **kwargs))
     for n in (64, 40, 33, 64, 1000, 5000):
         launch_config("apply_forward", n=n, d=1, dtype=torch.float32, device=CPU)
     assert len(reads) == 2  # the shipped file and the user's, once
@@ -145,8 +145,11 @@ def test_lookup_is_memoised_and_reads_each_file_once(monkeypatch):
 
 @pytest.mark.parametrize("content, reason", [
     ("{not json", "not valid JSON"),
+    (b'{"schema": 1, "device": "\xff\xfe"}', "not UTF-8 text"),
     ('{"schema": 99, "kernels": {}}', "schema 99"),
     ("[1, 2]", "schema 'list'"),
+    ('{"schema": 1, "kernels": []}', "no valid 'kernels' table"),
+    ('{"schema": 1, "kernels": {"apply_forward": {"entries": [1]}}}', "no valid 'kernels' table"),
     ("OTHER_TRITON", "tuned with Triton 0.0.1"),
     ("OTHER_SOURCE", "another version of the kernel"),
     ("NOT_A_CANDIDATE", "not a candidate configuration"),
@@ -161,7 +164,7 @@ def test_unusable_cache_is_reported_once_and_ignored(content, reason):
     else:
         path = cache.cache_path(keys.INTERPRETER)
         path.parent.mkdir(parents=True)
-        path.write_text(content)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for n in (64, 200, 3000):
@@ -169,9 +172,59 @@ def test_unusable_cache_is_reported_once_and_ignored(content, reason):
                 "apply_forward", 1)
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and reason in messages[0], messages
-    # The next write replaces what cannot be used.
-    _record("apply_forward", "fp32/d1/n64", candidate_configs("apply_forward", 1)[2])
+    # The next write replaces a file that cannot be used, and says so; a usable file only loses its stale entries.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _record("apply_forward", "fp32/d1/n64", candidate_configs("apply_forward", 1)[2])
+    fresh = [str(w.message) for w in caught if "starting a fresh tuning file" in str(w.message)]
+    assert len(fresh) == (content not in ("OTHER_SOURCE", "NOT_A_CANDIDATE")), fresh
     assert cache.parse(path.read_text(), triton_version=lookup.triton_version())["kernels"]
+
+
+def test_tuning_and_show_survive_a_cache_that_is_not_utf8(isolated_cache, capsys):
+    """A non-UTF-8 file is a warning and a fresh file for the tuner, and a line of --show, never a traceback."""
+    path = cache.cache_path(keys.INTERPRETER)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\x80\x81 not text")
+    assert autotune_main(["--show"]) == 0
+    assert "unusable (not UTF-8 text" in capsys.readouterr().out
+    with pytest.warns(RuntimeWarning, match="not UTF-8 text.*starting a fresh tuning file"):
+        _record("apply_forward", "fp32/d1/n64", candidate_configs("apply_forward", 1)[1])
+    assert list(json.loads(path.read_text())["kernels"]["apply_forward"]["entries"]) == ["fp32/d1/n64"]
+
+
+def test_show_reports_malformed_entries_instead_of_crashing(isolated_cache, capsys):
+    doc = cache.new_document(keys.INTERPRETER, "0.0")
+    doc["kernels"]["apply_forward"] = {"source_hash": "0" * 16, "entries": {
+        "fp32/d1/n64": 5, "fp32/d1/n128": {"config": {"block_m": 16}, "time_ms": "fast"},
+        "fp32/d1/n256": {"config": {"block_m": 32}, "time_ms": 0.5, "speedup": 1.25, "timer": "do_bench"}}}
+    path = cache.cache_path(keys.INTERPRETER)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(doc))
+    assert autotune_main(["--show"]) == 0
+    lines = {line.split()[1]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    assert "malformed entry (int, expected an object)" in lines["fp32/d1/n64"]
+    assert '{"block_m": 16}  ? ms, ?x the default (?)' in lines["fp32/d1/n128"]
+    assert '{"block_m": 32}  0.5 ms, 1.25x the default (do_bench)' in lines["fp32/d1/n256"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n", "0"], "argument --n: expected a positive integer, got 0"),
+    (["--d", "0"], "argument --d: expected a positive integer, got 0"),
+    (["--n", "64", "--d", "-3"], "argument --d: expected a positive integer, got -3"),
+    (["--n", "abc"], "argument --n: expected a positive integer, got 'abc'"),
+    (["--reps", "0"], "argument --reps"),
+    (["--batch", "-1"], "argument --batch"),
+    (["--kernel", "apply_sideways"], "argument --kernel: invalid choice: 'apply_sideways'"),
+])
+def test_cli_rejects_bad_arguments_before_tuning(argv, message, monkeypatch, capsys):
+    tuned = []
+    monkeypatch.setattr("triton_sort.autotune.tuner.tune", lambda *args, **kwargs: tuned.append(args) or [])
+    with pytest.raises(SystemExit) as exit_info:
+        autotune_main(["--allow-interpreter", *argv])
+    assert exit_info.value.code == 2 and not tuned
+    assert message in capsys.readouterr().err
+    assert not cache.cache_path(keys.INTERPRETER).exists()
 
 
 def test_concurrent_writers_lose_nothing(isolated_cache):

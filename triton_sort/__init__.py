@@ -1,6 +1,7 @@
 """triton-sort: fast, exact differentiable sorting (NeuralSort) with Triton kernels and a PyTorch path."""
 
 from . import ops  # noqa: F401  (registers the torch.ops.triton_sort custom ops)
+from ._validation import set_validation, validation, validation_enabled
 from .api import relaxed_sort_apply, relaxed_sort_matrix
 from .applications import relaxed_quantile, relaxed_topk
 from .modules import DifferentiableKNN, NeuralSort
@@ -18,4 +19,7 @@ __all__ = [
     "relaxed_sort_apply",
     "relaxed_sort_matrix",
     "relaxed_topk",
+    "set_validation",
+    "validation",
+    "validation_enabled",
 ]

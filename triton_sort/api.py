@@ -34,6 +34,8 @@ def check_tau(tau: float | Tensor, device: torch.device | str = "cpu") -> Tensor
         return tau.to(device=device, dtype=torch.float64).reshape(())
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
         raise TypeError(f"tau must be a real number, got {type(tau).__name__}")
+    if torch.compiler.is_compiling():  # a traced (possibly symbolic) number: the ops check its value at run time
+        return torch.scalar_tensor(tau, dtype=torch.float64, device=device)
     value = float(tau)
     if not math.isfinite(value) or value <= 0 or not math.isfinite(1.0 / value):
         raise ValueError(f"tau must be finite and > 0 with a finite inverse, got {value}")

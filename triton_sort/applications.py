@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ._backends import BACKENDS, to_sorted
 from ._columns import signed_sum, sorted_terms
+from ._validation import checks_values
 from .api import (
     Backend,
     _as_batch,
@@ -33,7 +34,6 @@ from .api import (
 )
 from .ops import (
     SortApplyBackward,
-    _check_finite_scores,
     _fake_terms,
     autograd_function,
     register_batch_vmap,
@@ -161,7 +161,8 @@ def relaxed_quantile(scores: Tensor, values: Tensor, q: float, tau: float | Tens
     ``"linear"`` mixes rows ``floor(h)`` and ``ceil(h)`` with weights ``ceil(h) - h`` and ``h - floor(h)``. As
     ``tau -> 0``, ``relaxed_quantile(s, s, q, tau)`` tends to ``torch.quantile(s, q, interpolation=...)``;
     ``q = 0.5`` with odd ``n`` is the median row. Computed with PyTorch ops in float64 (one or two rows of
-    ``P_hat``, O(B n d) memory) on any device.
+    ``P_hat``, O(B n d) memory) on any device. Traces with ``torch.compile(fullgraph=True)``; while compiling,
+    the finiteness check of ``scores`` is skipped and NaN/inf scores give NaN instead of a ValueError.
 
     Args:
         scores: ``(n,)`` or ``(B, n)``, ``n >= 1``.
@@ -184,7 +185,8 @@ def relaxed_quantile(scores: Tensor, values: Tensor, q: float, tau: float | Tens
         raise ValueError(f"q must be a real number in [0, 1], got {q!r}")
     if interpolation not in ("linear", "nearest"):
         raise ValueError(f"interpolation must be 'linear' or 'nearest', got {interpolation!r}")
-    _check_finite_scores(scores)
+    if checks_values():  # traced (torch.compile), non-finite scores make the result NaN instead
+        validate_data(scores, batched_values, tau)
     h = float(q) * (n - 1)
     if interpolation == "nearest":
         rows, weights = [round(h)], [1.0]

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ._backends import BACKENDS, rows_to_output, signed_sum_gradient
 from ._columns import SortedTerms, positions
-from .settings import validation_enabled
+from ._validation import validation_enabled
 
 TERM_FIELDS = ("order", "t", "w", "count", "less", "not_greater", "lower", "upper")
 _INDEX_FIELDS = ("order", "less", "not_greater", "lower", "upper")

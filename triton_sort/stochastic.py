@@ -23,6 +23,7 @@ from typing import ClassVar
 import torch
 from torch.distributions import Distribution, constraints
 
+from ._validation import checks_values
 from .api import check_tau, relaxed_sort_apply, relaxed_sort_matrix
 
 __all__ = ["PlackettLuce", "permutation", "reinforce_loss"]
@@ -60,7 +61,12 @@ class PlackettLuce(Distribution):
         logits: floating tensor of shape ``(..., n)``, ``n >= 1``, all finite.
             ``batch_shape = logits.shape[:-1]``, ``event_shape = (n,)``.
         validate_args: as in ``torch.distributions``. ``logits`` and the ``perm`` given to
-            ``log_prob`` are always checked, whatever its value.
+            ``log_prob`` are always checked, whatever its value (in eager mode; see below).
+
+    Under ``torch.compile`` (``fullgraph=True`` included) the checks that read tensor values are skipped while
+    tracing, so nothing data-dependent is traced: ``log_prob`` of a row that is not a permutation is NaN instead of
+    a ValueError, non-finite logits give NaN log-probabilities, and ``rsample``/``rsample_apply`` still raise
+    (the sort op checks its scores). Shapes, dtypes and ``tau`` are checked as in eager mode.
 
     ``has_rsample`` is True, but ``rsample`` returns *relaxed* permutation matrices that depend on a
     temperature ``tau`` (``rsample(sample_shape, tau, hard)``), not exact samples from this distribution.
@@ -82,10 +88,12 @@ class PlackettLuce(Distribution):
         if logits.shape[-1] < 1:
             raise ValueError(f"logits must have at least one item in its last dimension, got shape "
                              f"{tuple(logits.shape)}")
-        if not torch.isfinite(logits).all():
+        eager = checks_values()
+        if eager and not torch.isfinite(logits).all():
             raise ValueError("logits must be finite (found NaN or +-inf)")
         self.logits = logits
-        super().__init__(logits.shape[:-1], logits.shape[-1:], validate_args=validate_args)
+        # torch.distributions' own argument check is data-dependent too (and implied by the one above).
+        super().__init__(logits.shape[:-1], logits.shape[-1:], validate_args=validate_args if eager else False)
 
     @property
     def num_items(self) -> int:
@@ -123,7 +131,10 @@ class PlackettLuce(Distribution):
         shape = self._extended_shape(torch.Size(sample_shape))
         noise_dtype = torch.promote_types(self.logits.dtype, torch.float32)
         finfo = torch.finfo(noise_dtype)
-        uniform = torch.rand(shape, generator=generator, device=self.logits.device, dtype=noise_dtype)
+        options = dict(device=self.logits.device, dtype=noise_dtype)
+        # An explicit generator=None breaks torch.compile's dynamic shapes (fake tensors reject symbolic sizes).
+        uniform = torch.rand(shape, **options) if generator is None else torch.rand(shape, generator=generator,
+                                                                                     **options)
         # torch.rand can return exactly 0, and -log(-log(u)) is infinite at u = 0 and u = 1.
         uniform = uniform.clamp(min=finfo.tiny, max=1.0 - finfo.eps)
         gumbel = -torch.log(-torch.log(uniform))
@@ -140,7 +151,7 @@ class PlackettLuce(Distribution):
     def rsample(
         self,
         sample_shape: _ShapeLike = _NO_SAMPLE_DIMS,
-        tau: float = 1.0,
+        tau: float | torch.Tensor = 1.0,
         hard: bool = False,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
@@ -150,7 +161,7 @@ class PlackettLuce(Distribution):
         item ranked ``i``-th. ``hard=True`` is straight-through: the forward value is the exact permutation
         matrix of ``sample`` for the same noise (``P[..., i, z_i] = 1``), the gradient is the relaxed one.
         """
-        tau = check_tau(tau)
+        check_tau(tau)  # before drawing noise; passed on as given (a tensor tau keeps its gradient)
         scores = self.perturbed_logits(sample_shape, generator)
         n = self.num_items
         matrices = relaxed_sort_matrix(scores.reshape(-1, n), tau, descending=True, hard=hard)
@@ -159,7 +170,7 @@ class PlackettLuce(Distribution):
     def rsample_apply(
         self,
         x: torch.Tensor,
-        tau: float = 1.0,
+        tau: float | torch.Tensor = 1.0,
         sample_shape: _ShapeLike = _NO_SAMPLE_DIMS,
         hard: bool = False,
         generator: torch.Generator | None = None,
@@ -175,7 +186,7 @@ class PlackettLuce(Distribution):
             perturbed score to the lowest, in the promoted dtype of ``x`` and the noise. Same noise as
             ``rsample``/``sample`` for the same seed.
         """
-        tau = check_tau(tau)
+        check_tau(tau)  # before drawing noise; passed on as given (a tensor tau keeps its gradient)
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         n = self.num_items
@@ -214,15 +225,23 @@ class PlackettLuce(Distribution):
         except RuntimeError as error:
             raise ValueError(f"perm batch shape {tuple(perm.shape[:-1])} does not broadcast with the "
                              f"distribution batch shape {tuple(self.batch_shape)}") from error
-        if not permutation.check(perm).all():
+        valid = permutation.check(perm)
+        eager = checks_values()
+        if eager and not valid.all():
             raise ValueError(f"perm must hold permutations of 0..{n - 1} in its last dimension")
         shape = (*batch, n)
         index = perm.to(device=self.logits.device, dtype=torch.long).expand(shape)
+        if not eager:
+            index = index.clamp(0, n - 1)  # an index out of range would be a device-side assert on CUDA
         ranked_logits = self.logits.expand(shape).gather(-1, index)
         # log q = sum_i [l_{z_i} - logsumexp_{k >= i} l_{z_k}]; the suffix log-sum-exps are a
         # logcumsumexp of the reversed sequence, stable for any magnitude of logits.
         suffix_log_normalisers = torch.logcumsumexp(ranked_logits.flip(-1), dim=-1)
-        return ranked_logits.sum(-1) - suffix_log_normalisers.sum(-1)
+        log_q = ranked_logits.sum(-1) - suffix_log_normalisers.sum(-1)
+        if eager:
+            return log_q
+        # Traced: the check above could not raise, so rows that are not permutations are NaN, never a number.
+        return log_q.masked_fill(~valid.to(log_q.device).expand(log_q.shape), float("nan"))
 
 
 def reinforce_loss(
