@@ -33,12 +33,14 @@ from .api import (
     check_tau,
 )
 from .ops import (
-    SortApplyBackward,
     _fake_terms,
     autograd_function,
+    once_differentiable,
     register_batch_vmap,
+    sort_apply_backward,
     tau_gradient,
     validate_data,
+    without_autocast,
 )
 
 __all__ = ["relaxed_quantile", "relaxed_topk"]
@@ -53,6 +55,7 @@ def _first_rows(scores: Tensor, k: int) -> Tensor:
 
 # ------------------------------------------------------------------------------------- relaxed top-k indicator
 @torch.library.custom_op("triton_sort::topk", mutates_args=())
+@without_autocast
 def topk_indicator(scores: Tensor, k: int, tau: Tensor, descending: bool, banded: bool, backend: str
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(``P_hat^T u`` (B, n), row sums, *sorted terms) for scores (B, n): the relaxed indicator of the ``k``
@@ -87,13 +90,14 @@ def _topk_backward(ctx, grad, *_):
     tau, norm, *terms = ctx.saved_tensors
     w = grad.contiguous()[..., None]
     need_tau = ctx.needs_input_grad[2]
-    d_scores, _, tau_terms = SortApplyBackward.apply(w, _first_rows(grad, ctx.k), norm, tau, *terms, ctx.descending,
+    d_scores, _, tau_terms = TopKBackward.apply(w, _first_rows(grad, ctx.k), norm, tau, *terms, ctx.descending,
                                                      ctx.banded, ctx.backend, need_tau)
     return d_scores, None, tau_gradient(tau, tau_terms) if need_tau else None, None, None, None
 
 
 topk_indicator.register_autograd(_topk_backward, setup_context=_topk_setup_context)
 register_batch_vmap(topk_indicator, "relaxed_topk", batched=(0,), tau_index=2)
+TopKBackward = once_differentiable("relaxed_topk", sort_apply_backward)
 TopK = autograd_function("relaxed_topk", topk_indicator, _topk_setup_context, _topk_backward)
 
 
@@ -176,6 +180,8 @@ def relaxed_quantile(scores: Tensor, values: Tensor, q: float, tau: float | Tens
         differentiable with respect to ``scores`` and ``values``.
     """
     scores = _check_scores(scores)
+    if isinstance(values, Tensor):
+        scores, values = autocast_inputs(scores, values)
     tau = check_tau(tau, scores.device)
     batched_values = _check_values(scores, values, "values")
     n = scores.shape[-1]

@@ -15,6 +15,8 @@ setup/backward functions as the ops' ``register_autograd``: PyTorch's generated 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -51,6 +53,18 @@ def validate_data(scores: Tensor, x: Tensor | None, tau: Tensor | None) -> None:
 
 def _check_finite_scores(scores: Tensor) -> None:
     validate_data(scores, None, None)
+
+
+def without_autocast(fn):
+    """Run an op's implementation with autocast off: the inputs arrive already cast (``api.autocast_inputs``), and
+    an autocast region around the call must not lower the float64/fp32 work inside to 16 bits."""
+
+    @functools.wraps(fn)
+    def run(*args):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args)
+
+    return run
 
 
 def hard_order(scores: Tensor, descending: bool) -> Tensor:
@@ -119,7 +133,7 @@ def autograd_function(name: str, op, setup_context, backward) -> DifferentiableO
     return DifferentiableOp(name, op, setup_context, backward)
 
 
-def _once_differentiable(name: str, op) -> DifferentiableOp:
+def once_differentiable(name: str, op) -> DifferentiableOp:
     """A backward op whose own derivatives raise ``double_backward_error`` (reverse) and ``forward_mode_error``
     (forward over reverse), instead of the silent zeros of an op without a formula."""
 
@@ -156,6 +170,7 @@ def register_batch_vmap(op, name: str, batched: tuple[int, ...], tau_index: int)
 
 # ----------------------------------------------------------------------------------------- P_hat @ x (streaming)
 @torch.library.custom_op("triton_sort::apply", mutates_args=())
+@without_autocast
 def sort_apply(scores: Tensor, x: Tensor, tau: Tensor, descending: bool, hard: bool, banded: bool,
                backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (out, norm, *sorted terms): out = P_hat @ x (or x in exact sorted order if ``hard``), by output row;
@@ -176,6 +191,7 @@ def _(scores, x, tau, descending, hard, banded, backend):
 
 
 @torch.library.custom_op("triton_sort::apply_backward", mutates_args=())
+@without_autocast
 def sort_apply_backward(x: Tensor, grad: Tensor, norm: Tensor, tau: Tensor, order: Tensor, t: Tensor, w: Tensor,
                         count: Tensor, less: Tensor, not_greater: Tensor, lower: Tensor, upper: Tensor,
                         descending: bool, banded: bool, backend: str,
@@ -221,12 +237,13 @@ def _apply_backward(ctx, grad_out, *_):
 sort_apply.register_autograd(_apply_backward, setup_context=_apply_setup_context)
 register_batch_vmap(sort_apply, "relaxed_sort_apply", batched=(0, 1), tau_index=2)
 register_batch_vmap(sort_apply_backward, "relaxed_sort_apply", batched=(0, 1, 2, *range(4, 12)), tau_index=3)
-SortApplyBackward = _once_differentiable("relaxed_sort_apply", sort_apply_backward)
+SortApplyBackward = once_differentiable("relaxed_sort_apply", sort_apply_backward)
 SortApply = autograd_function("relaxed_sort_apply", sort_apply, _apply_setup_context, _apply_backward)
 
 
 # ------------------------------------------------------------------------------------------ materialised P_hat
 @torch.library.custom_op("triton_sort::matrix", mutates_args=())
+@without_autocast
 def sort_matrix(scores: Tensor, tau: Tensor, descending: bool, hard: bool, banded: bool,
                 backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(P_hat (B, n, n), *sorted terms); if ``hard``, the exact permutation matrix (stable for ties)."""
@@ -248,6 +265,7 @@ def _(scores, tau, descending, hard, banded, backend):
 
 
 @torch.library.custom_op("triton_sort::matrix_backward", mutates_args=())
+@without_autocast
 def sort_matrix_backward(grad: Tensor, soft: Tensor, tau: Tensor, order: Tensor, t: Tensor, w: Tensor,
                          count: Tensor, less: Tensor, not_greater: Tensor, descending: bool,
                          need_tau: bool) -> tuple[Tensor, Tensor]:
@@ -301,5 +319,5 @@ def _matrix_backward(ctx, grad, *_):
 sort_matrix.register_autograd(_matrix_backward, setup_context=_matrix_setup_context)
 register_batch_vmap(sort_matrix, "relaxed_sort_matrix", batched=(0,), tau_index=1)
 register_batch_vmap(sort_matrix_backward, "relaxed_sort_matrix", batched=(0, 1, *range(3, 9)), tau_index=2)
-SortMatrixBackward = _once_differentiable("relaxed_sort_matrix", sort_matrix_backward)
+SortMatrixBackward = once_differentiable("relaxed_sort_matrix", sort_matrix_backward)
 SortMatrix = autograd_function("relaxed_sort_matrix", sort_matrix, _matrix_setup_context, _matrix_backward)
