@@ -23,8 +23,15 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from .configs import BLOCK_D_CHOICES, MAX_BLOCK_D, KernelConfig, candidate_configs
-from .launch import dot_precision
-from .neuralsort import apply_backward_kernel, apply_delta_kernel, apply_forward_kernel, matrix_forward_kernel
+from .launch import ROW_BLOCKS, dot_precision
+from .neuralsort import (
+    apply_backward_kernel,
+    apply_delta_kernel,
+    apply_forward_kernel,
+    finish_kernel,
+    matrix_forward_kernel,
+    prepare_kernel,
+)
 
 VALUE_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -36,34 +43,44 @@ class CompileJob:
     dtype: torch.dtype
     block_d: int = 1
     single_d_chunk: bool = True
-    need_tau: bool = False  # apply_backward only: the variant that also accumulates the tau gradient
+    need_tau: bool = False  # apply_backward and finish: the variant that also accumulates the tau gradient
+    banded: bool = True  # prepare: windows by bisection, or full rows
 
     def source(self) -> ASTSource:
         value = "*" + VALUE_DTYPES[self.dtype]
-        f32, f64, i32 = "*fp32", "*fp64", "*i32"
-        sorted_terms = {"T": f64, "W": f64, "LOWER": i32, "UPPER": i32}
+        f64, i64 = "*fp64", "*i64"
+        if self.kernel == "prepare":
+            signature = {"SORTED": value, "TAU": f64, "T": f64, "W": f64, "COUNT": f64, "LESS": i64,
+                         "NOT_GREATER": i64, "LOWER": i64, "UPPER": i64, "n": "i32", "steps": "i32"}
+            return _source(prepare_kernel, signature, {"BLOCK": self.config.block_n, "BANDED": self.banded})
+        if self.kernel == "finish":
+            signature = {"U": f64, "R": f64, "TAU_TERMS": f64, "LESS": i64, "NOT_GREATER": i64, "ORDER": i64,
+                         "PREFIX": f64, "TAU": f64, "DS": value, "TAU_ROWS": f64, "n": "i32"}
+            return _source(finish_kernel, signature, {"BLOCK": self.config.block_n, "NEED_TAU": self.need_tau})
+        sorted_terms = {"T": f64, "W": f64, "LOWER": i64, "UPPER": i64, "ORDER": i64}
         tiles = {"BLOCK_M": self.config.block_m, "BLOCK_N": self.config.block_n}
         if self.kernel == "matrix_forward":
-            signature = {**sorted_terms, "ORDER": i32, "OUT_ROW": i32, "P": value, "n": "i32", "SCALE": f64}
+            signature = {**sorted_terms, "P": value, "n": "i32", "TAU": f64, "descending": "i32"}
             return _source(matrix_forward_kernel, signature, tiles)
         constants = {**tiles, "BLOCK_D": self.block_d, "DOT_PRECISION": dot_precision(self.dtype)}
         if self.kernel == "apply_forward":
             signature = {**sorted_terms, "X": value, "OUT": value, "NORM": f64, "n": "i32", "d": "i32",
-                         "SCALE": f64}
+                         "TAU": f64, "descending": "i32"}
             return _source(apply_forward_kernel, signature, constants)
         constants["SINGLE_D_CHUNK"] = self.single_d_chunk
         if self.kernel == "apply_delta":
             signature = {**sorted_terms, "X": value, "G": value, "NORM": f64, "DELTA": f64, "n": "i32", "d": "i32",
-                         "SCALE": f64}
+                         "TAU": f64, "descending": "i32"}
             return _source(apply_delta_kernel, signature, constants)
-        signature = {**sorted_terms, "ROW_START": i32, "ROW_END": i32, "CNT": f32, "X": value, "G": value,
-                     "NORM": f64, "DELTA": f64, "DX": value, "U": f64, "R": f64, "TAU_TERMS": f64, "n": "i32",
-                     "d": "i32", "num_col_tiles": "i32", "SCALE": f64}
+        signature = {**sorted_terms, "CNT": f64, "X": value, "G": value, "NORM": f64, "DELTA": f64, "DX": value,
+                     "U": f64, "R": f64, "TAU_TERMS": f64, "n": "i32", "d": "i32", "steps": "i32", "TAU": f64,
+                     "descending": "i32"}
         return _source(apply_backward_kernel, signature, {**constants, "NEED_TAU": self.need_tau})
 
     def describe(self) -> dict:
         return {"kernel": self.kernel, **self.config.as_dict(), "block_d": self.block_d,
-                "dtype": VALUE_DTYPES[self.dtype], "single_d_chunk": self.single_d_chunk, "need_tau": self.need_tau}
+                "dtype": VALUE_DTYPES[self.dtype], "single_d_chunk": self.single_d_chunk, "need_tau": self.need_tau,
+                "banded": self.banded}
 
 
 def _source(fn, signature: dict[str, str], constants: dict) -> ASTSource:
@@ -76,6 +93,13 @@ def all_jobs() -> Iterator[CompileJob]:
         yield job
         if job.kernel == "apply_backward":
             yield dataclasses.replace(job, need_tau=True)
+    # The one-program-per-row kernels: one BLOCK per row length bucket (``launch.row_block``), no tuning.
+    for dtype in VALUE_DTYPES:
+        for block in ROW_BLOCKS:
+            config = KernelConfig(block_m=1, block_n=block, num_warps=4, num_stages=1)
+            for flag in (False, True):
+                yield CompileJob("prepare", config, dtype, banded=flag)
+                yield CompileJob("finish", config, dtype, need_tau=flag)
 
 
 def _jobs_without_tau_variants() -> Iterator[CompileJob]:

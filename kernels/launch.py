@@ -1,6 +1,8 @@
-"""Python launchers of the NeuralSort kernels: shapes in, tensors out, one launch each (sorted coordinates).
+"""Python launchers of the NeuralSort kernels: shapes in, tensors out, one launch each.
 
-Inputs are prepared by ``triton_sort`` (contiguous, fp32 per-column terms, values of shape ``(B, n, d)``).
+Sorted coordinates inside (``triton_sort/_columns.py``), the caller's coordinates outside: values ``x`` by input
+item, outputs and their gradients by output row; the kernels fold the permutations into their loads and stores, so
+a forward + backward is one ``torch.sort`` and six launches, whatever n is, with no host synchronisation.
 """
 
 from __future__ import annotations
@@ -10,7 +12,18 @@ import triton
 from torch import Tensor
 
 from .configs import KernelConfig, block_d_for, launch_config
-from .neuralsort import apply_backward_kernel, apply_delta_kernel, apply_forward_kernel, matrix_forward_kernel
+from .neuralsort import (
+    apply_backward_kernel,
+    apply_delta_kernel,
+    apply_forward_kernel,
+    finish_kernel,
+    matrix_forward_kernel,
+    prepare_kernel,
+)
+
+# Positions per step of the one-program-per-row kernels (prepare, finish): the smallest of these that holds the row
+# (long rows loop over 1024 at a time). Few sizes, so that the compile-only check covers every variant.
+ROW_BLOCKS = (64, 256, 1024)
 
 
 def kernels_interpreted() -> bool:
@@ -23,10 +36,36 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-def matrix_forward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, order: Tensor, out_row: Tensor, scale: Tensor,
-                   out_dtype: torch.dtype, config: KernelConfig | None = None) -> Tensor:
-    """Relaxed permutation matrices in the caller's coordinates: P[b, out_row[p], order[b, m]] for the window
-    entries, 0 elsewhere. t, w: (B, n) float64 (sorted, prefix sums); lower, upper, order: (B, n) int32."""
+def bisection_steps(n: int) -> int:
+    """Rounds of a bisection over [0, n] that always converge."""
+    return max(n, 1).bit_length() + 1
+
+
+def row_block(n: int) -> int:
+    return next((block for block in ROW_BLOCKS if n <= block), ROW_BLOCKS[-1])
+
+
+def prepare(sorted_scores: Tensor, tau: Tensor, banded: bool) -> dict[str, Tensor]:
+    """The sorted terms of each row from its sorted scores (B, n) (any float dtype) and tau (1,) float64:
+    t, w, count (B, n) float64; less, not_greater, lower, upper (B, n) int64."""
+    batch, n = sorted_scores.shape
+    f64 = {"device": sorted_scores.device, "dtype": torch.float64}
+    i64 = {"device": sorted_scores.device, "dtype": torch.int64}
+    terms = {"t": torch.empty((batch, n), **f64), "w": torch.empty((batch, n), **f64),
+             "count": torch.empty((batch, n), **f64), "less": torch.empty((batch, n), **i64),
+             "not_greater": torch.empty((batch, n), **i64), "lower": torch.empty((batch, n), **i64),
+             "upper": torch.empty((batch, n), **i64)}
+    if batch and n:
+        prepare_kernel[(batch,)](
+            sorted_scores, tau, terms["t"], terms["w"], terms["count"], terms["less"], terms["not_greater"],
+            terms["lower"], terms["upper"], n, bisection_steps(n), BLOCK=row_block(n), BANDED=banded, num_warps=4)
+    return terms
+
+
+def matrix_forward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, order: Tensor, tau: Tensor,
+                   descending: bool, out_dtype: torch.dtype, config: KernelConfig | None = None) -> Tensor:
+    """Relaxed permutation matrices in the caller's coordinates: P[b, output row of p, order[b, m]] for the window
+    entries, 0 elsewhere. t, w: (B, n) float64 (sorted, prefix sums); lower, upper, order: (B, n) int64."""
     batch, n = t.shape
     out = torch.zeros((batch, n, n), device=t.device, dtype=out_dtype)
     if batch == 0 or n == 0:
@@ -34,15 +73,16 @@ def matrix_forward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, order: Te
     cfg = config or launch_config("matrix_forward", n=n, d=1, dtype=out_dtype, device=t.device)
     grid = (triton.cdiv(n, cfg.block_m), batch)
     matrix_forward_kernel[grid](
-        t, w, lower, upper, order, out_row, out, n, scale,
+        t, w, lower, upper, order, out, n, tau, int(descending),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
 
-def apply_forward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, x: Tensor, scale: Tensor,
-                  config: KernelConfig | None = None) -> tuple[Tensor, Tensor]:
-    """Streaming P_hat @ x in sorted coordinates. x: (B, n, d) sorted -> (out (B, n, d), row sums (B, n) float64)."""
+def apply_forward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, order: Tensor, x: Tensor, tau: Tensor,
+                  descending: bool, config: KernelConfig | None = None) -> tuple[Tensor, Tensor]:
+    """Streaming P_hat @ x. x: (B, n, d) by input item -> (out (B, n, d) by output row, row sums (B, n) float64 by
+    sorted row)."""
     batch, n, d = x.shape
     out = torch.empty_like(x)
     norm = torch.empty((batch, n), device=x.device, dtype=torch.float64)
@@ -52,55 +92,67 @@ def apply_forward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, x: Tensor,
     cfg = config or launch_config("apply_forward", n=n, d=d, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, cfg.block_m), batch, triton.cdiv(d, block_d))
     apply_forward_kernel[grid](
-        t, w, lower, upper, x, out, norm, n, d, scale,
+        t, w, lower, upper, order, x, out, norm, n, d, tau, int(descending),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, DOT_PRECISION=dot_precision(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, norm
 
 
-def apply_delta(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, x: Tensor, grad: Tensor, norm: Tensor,
-                scale: Tensor, config: KernelConfig | None = None) -> Tensor:
-    """Row pass of the backward: Delta_p = sum_m P_pm (g_p . x_m), (B, n) float64, sorted coordinates."""
+def apply_delta(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, order: Tensor, x: Tensor, grad: Tensor,
+                norm: Tensor, tau: Tensor, descending: bool, config: KernelConfig | None = None) -> Tensor:
+    """Row pass of the backward: Delta_p = sum_m P_pm (g_p . x_m), (B, n) float64 by sorted row. x by input item,
+    grad by output row."""
     batch, n, d = x.shape
-    delta = torch.zeros((batch, n), device=x.device, dtype=torch.float64)
+    delta = torch.empty((batch, n), device=x.device, dtype=torch.float64)
     if batch == 0 or n == 0 or d == 0:
-        return delta
+        return delta.zero_()
     block_d = block_d_for(d)
     cfg = config or launch_config("apply_delta", n=n, d=d, dtype=x.dtype, device=x.device)
     apply_delta_kernel[(triton.cdiv(n, cfg.block_m), batch)](
-        t, w, lower, upper, x, grad, norm, delta, n, d, scale,
+        t, w, lower, upper, order, x, grad, norm, delta, n, d, tau, int(descending),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, DOT_PRECISION=dot_precision(x.dtype),
         SINGLE_D_CHUNK=d <= block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return delta
 
 
-def apply_backward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, count: Tensor, x: Tensor, grad: Tensor,
-                   norm: Tensor, delta: Tensor, scale: Tensor, need_tau: bool = False,
+def apply_backward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, order: Tensor, count: Tensor, x: Tensor,
+                   grad: Tensor, norm: Tensor, delta: Tensor, tau: Tensor, descending: bool, need_tau: bool = False,
                    config: KernelConfig | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Column pass of the backward in sorted coordinates; norm, delta float64.
-    Returns (dx (B, n, d) in x.dtype, u (B, n) float64, r (B, n) float64, and if ``need_tau`` the per-column terms
-    sum_p dz_pm D_p(m) (B, n) float64, else None)."""
+    """Column pass of the backward; norm, delta float64 by sorted row.
+    Returns (dx (B, n, d) in x.dtype by input item, u (B, n) and r (B, n) float64 by sorted position, and if
+    ``need_tau`` the per-column terms sum_p dz_pm D_p(m) (B, n) float64, else None)."""
     batch, n, d = x.shape
     dx = torch.empty_like(x)
-    u = torch.zeros((batch, n), device=x.device, dtype=torch.float64)
-    r = torch.zeros((batch, n), device=x.device, dtype=torch.float64)
-    tau_terms = torch.zeros((batch, n), device=x.device, dtype=torch.float64) if need_tau else None
+    f64 = {"device": x.device, "dtype": torch.float64}
+    u, r = torch.empty((batch, n), **f64), torch.empty((batch, n), **f64)
+    tau_terms = torch.empty((batch, n), **f64) if need_tau else None
     if batch == 0 or n == 0 or d == 0:
-        return dx.zero_(), u, r, tau_terms
+        return dx.zero_(), u.zero_(), r.zero_(), None if tau_terms is None else tau_terms.zero_()
     block_d = block_d_for(d)
     cfg = config or launch_config("apply_backward", n=n, d=d, dtype=x.dtype, device=x.device)
-    # Rows whose windows reach column tile [m0, m1]: R_p >= m0 and L_p <= m1 (both non-decreasing in p).
-    tile_first = torch.arange(0, n, cfg.block_n, device=x.device, dtype=lower.dtype).expand(batch, -1)
-    tile_last = (tile_first + cfg.block_n - 1).clamp_(max=n - 1)
-    row_start = torch.searchsorted(upper, tile_first.contiguous()).to(torch.int32)
-    row_end = torch.searchsorted(lower, tile_last.contiguous(), right=True).to(torch.int32)
-    grid = (tile_first.shape[1], batch, triton.cdiv(d, block_d))
+    grid = (triton.cdiv(n, cfg.block_n), batch, triton.cdiv(d, block_d))
     apply_backward_kernel[grid](
-        t, w, lower, upper, row_start, row_end, count, x, grad, norm, delta, dx, u, r,
-        tau_terms if need_tau else u, n, d, tile_first.shape[1], scale,
+        t, w, lower, upper, order, count, x, grad, norm, delta, dx, u, r, tau_terms if need_tau else u, n, d,
+        bisection_steps(n), tau, int(descending),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, DOT_PRECISION=dot_precision(x.dtype),
         SINGLE_D_CHUNK=d <= block_d, NEED_TAU=need_tau, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return dx, u, r, tau_terms
+
+
+def finish(u: Tensor, r: Tensor, tau_terms: Tensor | None, less: Tensor, not_greater: Tensor, order: Tensor,
+           tau: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """(d_scores (B, n) of ``dtype`` by input item, per-row tau terms (B,) float64 or None) from the column sums."""
+    batch, n = u.shape
+    d_scores = torch.empty((batch, n), device=u.device, dtype=dtype)
+    tau_rows = torch.empty(batch, device=u.device, dtype=torch.float64) if tau_terms is not None else None
+    if batch == 0 or n == 0:
+        return d_scores, None if tau_rows is None else tau_rows.zero_()
+    prefix = torch.empty((batch, n + 1), device=u.device, dtype=torch.float64)
+    finish_kernel[(batch,)](
+        u, r, u if tau_terms is None else tau_terms, less, not_greater, order, prefix, tau, d_scores,
+        prefix if tau_rows is None else tau_rows, n, BLOCK=row_block(n), NEED_TAU=tau_terms is not None,
+        num_warps=4)
+    return d_scores, tau_rows

@@ -62,6 +62,19 @@ def _tile_matmul(p, x, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _output_rows(rows, n, descending):
+    """Output row of sorted row p: n - 1 - p if ``descending`` (a runtime 0/1: no second compilation), else p.
+    An involution, so also its inverse."""
+    return tl.where(descending != 0, n - 1 - rows, rows)
+
+
+@triton.jit
+def _scale(TAU):
+    """log2(e) / tau in float64 (an fp32 scale would perturb tau by 6e-8)."""
+    return 1.4426950408889634 / tl.load(TAU)
+
+
+@triton.jit
 def _batch_row(T, W, LOWER, UPPER, pid_b, n):
     """Pointers to one batch row's sorted scores, prefix sums and window bounds."""
     offset = pid_b * n
@@ -138,15 +151,15 @@ def _dot_f64(g, x, VALUE_DTYPE: tl.constexpr):
 
 @triton.jit
 def matrix_forward_kernel(
-    T, W, LOWER, UPPER, ORDER, OUT_ROW, P, n, SCALE,
+    T, W, LOWER, UPPER, ORDER, P, n, TAU, descending,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Writes the window entries of P[b, OUT_ROW[p], ORDER[m]] = exp(-D_p(m)/tau) / l_p (P is pre-zeroed).
+    """Writes the window entries of P[b, output row of p, ORDER[m]] = exp(-D_p(m)/tau) / l_p (P is pre-zeroed).
 
-    One program per (row tile, batch). T, W: (B, n) float64; LOWER, UPPER, ORDER: (B, n) int32; OUT_ROW: (n,)."""
+    One program per (row tile, batch). T, W: (B, n) float64; LOWER, UPPER, ORDER: (B, n) int64; TAU: (1,) float64."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
-    scale = tl.load(SCALE)  # log2(e) / tau in float64: an fp32 scale would perturb tau by 6e-8
+    scale = _scale(TAU)
     T, W, LOWER, UPPER = _batch_row(T, W, LOWER, UPPER, pid_b, n)
     ORDER += pid_b * n
     P += pid_b * n * n
@@ -158,7 +171,7 @@ def matrix_forward_kernel(
     for start in range(col_start, col_end, BLOCK_N):
         _, _, _, p = _tile_weights(T, W, rows_c, t_p, w_p, lower, upper, start, n, scale, BLOCK_N)
         norm += tl.sum(p.to(tl.float64), axis=1)
-    out_rows = tl.load(OUT_ROW + rows_c).to(tl.int64)
+    out_rows = _output_rows(rows_c, n, descending)
     for start in range(col_start, col_end, BLOCK_N):
         _, cols_c, inside, p = _tile_weights(T, W, rows_c, t_p, w_p, lower, upper, start, n, scale, BLOCK_N)
         inside = inside & row_mask[:, None]
@@ -171,17 +184,20 @@ def matrix_forward_kernel(
 
 @triton.jit
 def apply_forward_kernel(
-    T, W, LOWER, UPPER, X, OUT, NORM, n, d, SCALE,
+    T, W, LOWER, UPPER, ORDER, X, OUT, NORM, n, d, TAU, descending,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """OUT[b, p, :] = sum_m P_pm X[b, m, :] over row p's window; NORM[b, p] = l_p in float64. Sorted coordinates.
+    """OUT[b, output row of p, :] = sum_m P_pm X[b, ORDER[m], :] over row p's window; NORM[b, p] = l_p in float64.
 
-    Grid (row tiles, B, d chunks). T, W: (B, n) float64; LOWER, UPPER: (B, n) int32; X, OUT: (B, n, d)."""
+    X and OUT are in the caller's coordinates (input items, output rows): the permutations are folded into the
+    loads and stores, so no gather or scatter runs outside. Grid (row tiles, B, d chunks). T, W: (B, n) float64;
+    LOWER, UPPER, ORDER: (B, n) int64; X, OUT: (B, n, d); TAU: (1,) float64."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
-    scale = tl.load(SCALE)  # log2(e) / tau in float64: an fp32 scale would perturb tau by 6e-8
+    scale = _scale(TAU)
     pid_d = tl.program_id(2).to(tl.int64)
     T, W, LOWER, UPPER = _batch_row(T, W, LOWER, UPPER, pid_b, n)
+    ORDER += pid_b * n
     X += pid_b * n * d
     OUT += pid_b * n * d
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -198,12 +214,12 @@ def apply_forward_kernel(
     for start in range(col_start, col_end, BLOCK_N):
         cols, cols_c, _, p = _tile_weights(T, W, rows_c, t_p, w_p, lower, upper, start, n, scale, BLOCK_N)
         norm += tl.sum(p.to(tl.float64), axis=1)
-        x = tl.load(X + cols_c.to(tl.int64)[:, None] * d + dims[None, :],
-                    mask=(cols < n)[:, None] & dim_mask[None, :], other=0.0)
+        items = tl.load(ORDER + cols_c)
+        x = tl.load(X + items[:, None] * d + dims[None, :], mask=(cols < n)[:, None] & dim_mask[None, :], other=0.0)
         acc += _tile_matmul(p, x.to(tl.float32), BLOCK_D, DOT_PRECISION)
 
     acc = acc / norm[:, None]
-    out_offsets = rows.to(tl.int64)[:, None] * d + dims[None, :]
+    out_offsets = _output_rows(rows_c, n, descending).to(tl.int64)[:, None] * d + dims[None, :]
     out_mask = row_mask[:, None] & dim_mask[None, :]
     tl.store(OUT + out_offsets, acc.to(tl.float32).to(OUT.dtype.element_ty), mask=out_mask)
     if pid_d == 0:
@@ -212,17 +228,19 @@ def apply_forward_kernel(
 
 @triton.jit
 def apply_delta_kernel(
-    T, W, LOWER, UPPER, X, G, NORM, DELTA, n, d, SCALE,
+    T, W, LOWER, UPPER, ORDER, X, G, NORM, DELTA, n, d, TAU, descending,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SINGLE_D_CHUNK: tl.constexpr,
 ):
     """Row pass of the backward: DELTA[b, p] = sum_m P_pm (g_p . x_m) in float64, from the same tiles as the
     column pass (not g_p . y_p: y carries the forward's rounding, which d_scores would feel where P is nearly a
-    permutation). One program per (row tile, batch). NORM, DELTA: (B, n) float64; X, G: (B, n, d)."""
+    permutation). One program per (row tile, batch). NORM, DELTA: (B, n) float64 by sorted row; X (B, n, d) by
+    input item, G (B, n, d) by output row (the caller's coordinates)."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
-    scale = tl.load(SCALE)
+    scale = _scale(TAU)
     T, W, LOWER, UPPER = _batch_row(T, W, LOWER, UPPER, pid_b, n)
+    ORDER += pid_b * n
     X += pid_b * n * d
     G += pid_b * n * d
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -230,43 +248,61 @@ def apply_delta_kernel(
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < d
     rows_c, t_p, w_p, lower, upper = _load_rows(T, W, LOWER, UPPER, rows, n)
+    g_rows = _output_rows(rows_c, n, descending)
     norm = tl.load(NORM + pid_b * n + rows_c)
-    g_own = tl.load(G + rows_c.to(tl.int64)[:, None] * d + dims[None, :],
+    g_own = tl.load(G + g_rows.to(tl.int64)[:, None] * d + dims[None, :],
                     mask=row_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
     col_start, col_end = _row_tile_columns(LOWER, UPPER, pid_m, n, BLOCK_M)
     delta = tl.zeros([BLOCK_M], tl.float64)
     for start in range(col_start, col_end, BLOCK_N):
         cols, cols_c, _, p = _tile_weights(T, W, rows_c, t_p, w_p, lower, upper, start, n, scale, BLOCK_N)
         col_mask = cols < n
-        x_own = tl.load(X + cols_c.to(tl.int64)[:, None] * d + dims[None, :],
+        items = tl.load(ORDER + cols_c)
+        x_own = tl.load(X + items[:, None] * d + dims[None, :],
                         mask=col_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
-        gx = _g_dot_x(G, X, rows_c, row_mask, cols, col_mask, g_own, x_own, d, BLOCK_M, BLOCK_N, BLOCK_D,
+        gx = _g_dot_x(G, X, g_rows, row_mask, items, col_mask, g_own, x_own, d, BLOCK_M, BLOCK_N, BLOCK_D,
                       DOT_PRECISION, SINGLE_D_CHUNK)
         delta += tl.sum(p.to(tl.float64) / norm[:, None] * gx, axis=1)
     tl.store(DELTA + pid_b * n + rows, delta, mask=row_mask)
 
 
 @triton.jit
+def _first_at_least(VALUES, target, n, steps):
+    """Smallest index i in [0, n] with VALUES[i] >= target (VALUES non-decreasing, n if none): a scalar bisection
+    of ``steps`` >= bit_length(n) + 1 rounds."""
+    lo = 0
+    hi = n
+    for _ in range(steps):
+        mid = (lo + hi) // 2
+        below = tl.load(VALUES + tl.minimum(mid, n - 1)) < target
+        active = lo < hi
+        lo = tl.where(active & below, mid + 1, lo)
+        hi = tl.where(active & ~below, mid, hi)
+    return lo
+
+
+@triton.jit
 def apply_backward_kernel(
-    T, W, LOWER, UPPER, ROW_START, ROW_END, CNT, X, G, NORM, DELTA, DX, U, R, TAU_TERMS, n, d, num_col_tiles, SCALE,
+    T, W, LOWER, UPPER, ORDER, CNT, X, G, NORM, DELTA, DX, U, R, TAU_TERMS, n, d, steps, TAU, descending,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SINGLE_D_CHUNK: tl.constexpr, NEED_TAU: tl.constexpr,
 ):
     """Column pass of the backward (as dK/dV in FlashAttention-2), one program per (column tile, B, d chunk).
 
-    With dz_pm = P_pm (g_p . x_m - Delta_p) it accumulates over the rows whose windows reach the tile
-    (ROW_START..ROW_END - 1, precomputed): DX[b, m] = sum_p P_pm g_p, U[b, m] = sum_p (c_p - cnt_m) dz_pm with
+    With dz_pm = P_pm (g_p . x_m - Delta_p) it accumulates over the rows whose windows reach the tile (found by
+    bisection of the windows, which move right with p: R_p >= the tile's first column, L_p <= its last): DX[b, m] = sum_p P_pm g_p, U[b, m] = sum_p (c_p - cnt_m) dz_pm with
     c_p = 2p - n + 1 (small near the peak, which avoids cancelling two sums of size n r_m), R[b, m] = sum_p dz_pm
     and, if NEED_TAU, TAU_TERMS[b, m] = sum_p dz_pm D_p(m) (dL/dtau is their total over tau^2: the logits are
     -D / tau), from the drops the tile computes anyway.
-    CNT: (B, n) fp32; NORM, DELTA, U, R, TAU_TERMS: (B, n) float64; ROW_START, ROW_END: (B, num_col_tiles) int32;
-    X, G, DX: (B, n, d).
+    CNT, NORM, DELTA, U, R, TAU_TERMS: (B, n) float64 by sorted position; X, DX (B, n, d) by input item
+    (DX[b, ORDER[m]]), G (B, n, d) by output row. ``steps``: bit_length(n) + 1.
     """
     pid_n = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
-    scale = tl.load(SCALE)
+    scale = _scale(TAU)
     pid_d = tl.program_id(2).to(tl.int64)
     T, W, LOWER, UPPER = _batch_row(T, W, LOWER, UPPER, pid_b, n)
+    ORDER += pid_b * n
     CNT += pid_b * n
     NORM += pid_b * n
     DELTA += pid_b * n
@@ -283,10 +319,11 @@ def apply_backward_kernel(
     w_b = tl.load(W + anchor)
     offset, twice_v = _column_anchor(tl.load(T + cols_c), tl.load(W + cols_c), anchor, t_b, w_b)
     cnt = tl.load(CNT + cols_c)
-    x_own = tl.load(X + cols.to(tl.int64)[:, None] * d + own_dims[None, :],
+    items = tl.load(ORDER + cols_c)
+    x_own = tl.load(X + items[:, None] * d + own_dims[None, :],
                     mask=col_mask[:, None] & own_dim_mask[None, :], other=0.0).to(tl.float32)
-    row_start = tl.load(ROW_START + pid_b * num_col_tiles + pid_n)
-    row_end = tl.load(ROW_END + pid_b * num_col_tiles + pid_n)
+    row_start = _first_at_least(UPPER, anchor, n, steps)
+    row_end = _first_at_least(LOWER, tl.minimum(anchor + BLOCK_N - 1, n - 1) + 1, n, steps)
 
     # dz and the column sums are float64: where P is nearly a permutation g_p . x_m - Delta_p is a small
     # difference, and d_scores sums rows whose contributions largely cancel.
@@ -305,23 +342,160 @@ def apply_backward_kernel(
         z = tl.where(inside, (-scale * drop).to(tl.float32), float("-inf"))
         p64 = tl.math.exp2(z).to(tl.float64) / norm[:, None]
         p = p64.to(tl.float32)
-        row_offsets = rows_c.to(tl.int64)[:, None] * d
-        g_own = tl.load(G + row_offsets + own_dims[None, :], mask=row_mask[:, None] & own_dim_mask[None, :],
-                        other=0.0).to(tl.float32)
-        gx = _g_dot_x(G, X, rows_c, row_mask, cols, col_mask, g_own, x_own, d, BLOCK_M, BLOCK_N, BLOCK_D,
+        g_rows = _output_rows(rows_c, n, descending)
+        g_own = tl.load(G + g_rows.to(tl.int64)[:, None] * d + own_dims[None, :],
+                        mask=row_mask[:, None] & own_dim_mask[None, :], other=0.0).to(tl.float32)
+        gx = _g_dot_x(G, X, g_rows, row_mask, items, col_mask, g_own, x_own, d, BLOCK_M, BLOCK_N, BLOCK_D,
                       DOT_PRECISION, SINGLE_D_CHUNK)
         dz = p64 * (gx - delta[:, None])
         coefficient = (2 * rows_c - n + 1).to(tl.float64)
-        u_acc += tl.sum((coefficient[:, None] - cnt.to(tl.float64)[None, :]) * dz, axis=0)
+        u_acc += tl.sum((coefficient[:, None] - cnt[None, :]) * dz, axis=0)
         r_acc += tl.sum(dz, axis=0)
         if NEED_TAU:
             tau_acc += tl.sum(tl.where(inside, dz * drop, 0.0), axis=0)
         dx_acc += _tile_matmul(tl.trans(p), g_own, BLOCK_D, DOT_PRECISION)
 
-    tl.store(DX + cols.to(tl.int64)[:, None] * d + own_dims[None, :],
+    tl.store(DX + items[:, None] * d + own_dims[None, :],
              dx_acc.to(tl.float32).to(DX.dtype.element_ty), mask=col_mask[:, None] & own_dim_mask[None, :])
     if pid_d == 0:
         tl.store(U + pid_b * n + cols, u_acc, mask=col_mask)
         tl.store(R + pid_b * n + cols, r_acc, mask=col_mask)
         if NEED_TAU:
             tl.store(TAU_TERMS + pid_b * n + cols, tau_acc, mask=col_mask)
+
+
+@triton.jit
+def _drop_to(T, W, rows, t_p, w_p, cols):
+    """D_p(m) in float64 for row positions ``rows`` and column positions ``cols`` (same shape), loaded from T, W."""
+    return (2 * rows - 1).to(tl.float64) * (t_p - tl.load(T + cols)) - 2.0 * (w_p - tl.load(W + cols))
+
+
+@triton.jit
+def prepare_kernel(
+    SORTED, TAU, T, W, COUNT, LESS, NOT_GREATER, LOWER, UPPER, n, steps,
+    BLOCK: tl.constexpr, BANDED: tl.constexpr,
+):
+    """The O(n log n) preparation of one batch row (``triton_sort._columns.sorted_terms``) after one torch.sort:
+    float64 sorted scores minus their median T, prefix sums W_m = sum_{q<m} q (t_{q+1} - t_q), tie counts
+    LESS/NOT_GREATER (scores below / not above each position) and COUNT = LESS + NOT_GREATER - n, and the windows
+    [LOWER, UPPER] of D_p(m) <= (ln(n) + 30) tau by bisection (full rows unless BANDED).
+
+    One program per batch row, BLOCK positions at a time. SORTED: (B, n) sorted scores (their dtype); TAU: (1,)
+    float64; T, W, COUNT: (B, n) float64; LESS, NOT_GREATER, LOWER, UPPER: (B, n) int64. ``steps``:
+    bit_length(n) + 1 bisection rounds."""
+    row = tl.program_id(0).to(tl.int64) * n
+    SORTED += row
+    T += row
+    W += row
+    COUNT += row
+    LESS += row
+    NOT_GREATER += row
+    LOWER += row
+    UPPER += row
+    median = tl.load(SORTED + n // 2).to(tl.float64)
+    # Prefix sums chunk by chunk; the running total is the sum of every earlier chunk's increments.
+    carried = tl.zeros([BLOCK], tl.float64)
+    for start in range(0, n, BLOCK):
+        m = start + tl.arange(0, BLOCK)
+        mask = m < n
+        t = tl.load(SORTED + m, mask=mask, other=0.0).to(tl.float64) - median
+        t_before = tl.load(SORTED + tl.maximum(m - 1, 0), mask=mask, other=0.0).to(tl.float64) - median
+        increment = tl.where(mask & (m >= 1), (m - 1).to(tl.float64) * (t - t_before), 0.0)
+        tl.store(T + m, t, mask=mask)
+        tl.store(W + m, tl.sum(carried, axis=0) + tl.cumsum(increment, axis=0), mask=mask)
+        carried += increment
+    # The second pass reads T and W at other positions than this thread wrote.
+    tl.debug_barrier()
+    limit = (tl.log(n.to(tl.float64)) + 30.0) * tl.load(TAU)  # _columns.band_threshold(n) * tau
+    for start in range(0, n, BLOCK):
+        p = start + tl.arange(0, BLOCK)
+        mask = p < n
+        p = tl.minimum(p, n - 1)
+        t_p = tl.load(T + p)
+        w_p = tl.load(W + p)
+        # Tie counts: first positions with T >= t_p and with T > t_p.
+        lo_less = tl.zeros([BLOCK], tl.int64)
+        hi_less = tl.zeros([BLOCK], tl.int64) + n
+        lo_greater = tl.zeros([BLOCK], tl.int64)
+        hi_greater = tl.zeros([BLOCK], tl.int64) + n
+        for _ in range(steps):
+            mid = (lo_less + hi_less) // 2
+            below = tl.load(T + tl.minimum(mid, n - 1)) < t_p
+            active = lo_less < hi_less
+            lo_less = tl.where(active & below, mid + 1, lo_less)
+            hi_less = tl.where(active & ~below, mid, hi_less)
+            mid = (lo_greater + hi_greater) // 2
+            not_above = tl.load(T + tl.minimum(mid, n - 1)) <= t_p
+            active = lo_greater < hi_greater
+            lo_greater = tl.where(active & not_above, mid + 1, lo_greater)
+            hi_greater = tl.where(active & ~not_above, mid, hi_greater)
+        tl.store(LESS + p, lo_less, mask=mask)
+        tl.store(NOT_GREATER + p, lo_greater, mask=mask)
+        tl.store(COUNT + p, (lo_less + lo_greater - n).to(tl.float64), mask=mask)
+        if BANDED:
+            # As _columns._windows: D_p decreases towards p (where it is 0) and increases after it.
+            lo = tl.zeros([BLOCK], tl.int64)
+            hi = p.to(tl.int64)
+            for _ in range(steps):
+                mid = (lo + hi) // 2
+                inside = _drop_to(T, W, p, t_p, w_p, mid) <= limit
+                hi = tl.where(inside, mid, hi)
+                lo = tl.where(inside, lo, mid + 1)
+            tl.store(LOWER + p, hi, mask=mask)
+            lo = p.to(tl.int64)
+            hi = tl.zeros([BLOCK], tl.int64) + (n - 1)
+            for _ in range(steps):
+                mid = (lo + hi + 1) // 2
+                inside = _drop_to(T, W, p, t_p, w_p, tl.minimum(mid, n - 1)) <= limit
+                lo = tl.where(inside, mid, lo)
+                hi = tl.where(inside, hi, mid - 1)
+            tl.store(UPPER + p, lo, mask=mask)
+        else:
+            tl.store(LOWER + p, tl.zeros([BLOCK], tl.int64), mask=mask)
+            tl.store(UPPER + p, tl.zeros([BLOCK], tl.int64) + (n - 1), mask=mask)
+
+
+@triton.jit
+def finish_kernel(
+    U, R, TAU_TERMS, LESS, NOT_GREATER, ORDER, PREFIX, TAU, DS, TAU_ROWS, n,
+    BLOCK: tl.constexpr, NEED_TAU: tl.constexpr,
+):
+    """Scores gradient of one batch row from the column sums (MATH.md, section 4):
+    DS[b, ORDER[m]] = (U_m - sum_k sign(t_m - t_k) R_k) / tau, the signed sum by prefix sums of R over the sorted
+    positions (ties by LESS/NOT_GREATER); and TAU_ROWS[b] = sum_m TAU_TERMS[b, m] if NEED_TAU.
+
+    One program per batch row. U, R, TAU_TERMS: (B, n) float64 by sorted position; PREFIX: (B, n + 1) float64
+    scratch; DS: (B, n) in the scores' dtype, by input item; TAU_ROWS: (B,) float64."""
+    row = tl.program_id(0).to(tl.int64)
+    U += row * n
+    R += row * n
+    TAU_TERMS += row * n
+    LESS += row * n
+    NOT_GREATER += row * n
+    ORDER += row * n
+    DS += row * n
+    PREFIX += row * (n + 1)
+    carried = tl.zeros([BLOCK], tl.float64)
+    tau_sum = tl.zeros([BLOCK], tl.float64)
+    tl.store(PREFIX, 0.0)
+    for start in range(0, n, BLOCK):
+        m = start + tl.arange(0, BLOCK)
+        mask = m < n
+        r = tl.load(R + m, mask=mask, other=0.0)
+        tl.store(PREFIX + m + 1, tl.sum(carried, axis=0) + tl.cumsum(r, axis=0), mask=mask)
+        carried += r
+        if NEED_TAU:
+            tau_sum += tl.load(TAU_TERMS + m, mask=mask, other=0.0)
+    tl.debug_barrier()
+    total = tl.load(PREFIX + n)
+    tau = tl.load(TAU)
+    for start in range(0, n, BLOCK):
+        m = start + tl.arange(0, BLOCK)
+        mask = m < n
+        below = tl.load(PREFIX + tl.load(LESS + m, mask=mask, other=0), mask=mask, other=0.0)
+        above = total - tl.load(PREFIX + tl.load(NOT_GREATER + m, mask=mask, other=0), mask=mask, other=0.0)
+        grad = (tl.load(U + m, mask=mask, other=0.0) - (below - above)) / tau
+        items = tl.load(ORDER + m, mask=mask, other=0)
+        tl.store(DS + items, grad.to(tl.float32).to(DS.dtype.element_ty), mask=mask)
+    if NEED_TAU:
+        tl.store(TAU_ROWS + row, tl.sum(tau_sum, axis=0))

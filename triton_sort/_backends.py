@@ -291,7 +291,11 @@ class TorchBackend:
 
 
 class TritonBackend:
-    """Triton kernels; fp32/fp16/bf16 values with fp32 accumulation, drops in float64 (see kernels/)."""
+    """Triton kernels; fp32/fp16/bf16 values with fp32 accumulation, drops in float64 (see kernels/).
+
+    A forward is one ``torch.sort`` and two launches (``prepare``, the forward kernel); a backward three launches
+    (row pass, column pass, ``finish``): the permutations live in the kernels' loads and stores, and nothing reads
+    a result back to the host."""
 
     name = "triton"
 
@@ -300,40 +304,42 @@ class TritonBackend:
         return True
 
     def prepare(self, scores: Tensor, tau: Tensor, banded: bool) -> SortedTerms:
-        return sorted_terms(scores, tau, banded)
+        from .kernels import launch
+
+        values, order = torch.sort(scores.detach(), dim=-1, stable=True)
+        return SortedTerms(order=order, **launch.prepare(values, tau.reshape(1), banded))
 
     @staticmethod
-    def _inputs(terms: SortedTerms, tau: Tensor) -> dict[str, Tensor]:
-        return {"t": terms.t.contiguous(), "w": terms.w.contiguous(), "lower": terms.lower.to(torch.int32),
-                "upper": terms.upper.to(torch.int32), "scale": (LOG2_E / tau).reshape(1)}
+    def _windowed(terms: SortedTerms) -> dict[str, Tensor]:
+        return {"t": terms.t, "w": terms.w, "lower": terms.lower, "upper": terms.upper, "order": terms.order}
 
     def matrix_forward(self, terms: SortedTerms, tau: Tensor, descending: bool, banded: bool,
                        dtype: torch.dtype) -> Tensor:
         from .kernels import launch
 
-        out_row = output_rows(terms.n, descending, terms.t.device).to(torch.int32)
-        return launch.matrix_forward(**self._inputs(terms, tau), order=terms.order.to(torch.int32),
-                                     out_row=out_row, out_dtype=dtype)
+        return launch.matrix_forward(**self._windowed(terms), tau=tau.reshape(1), descending=descending,
+                                     out_dtype=dtype)
 
     def apply_forward(self, terms: SortedTerms, x: Tensor, tau: Tensor, descending: bool,
                       banded: bool) -> tuple[Tensor, Tensor]:
         from .kernels import launch
 
-        out, norm = launch.apply_forward(**self._inputs(terms, tau), x=to_sorted(x, terms.order).contiguous())
-        return rows_to_output(out, descending), norm
+        return launch.apply_forward(**self._windowed(terms), x=x.contiguous(), tau=tau.reshape(1),
+                                    descending=descending)
 
     def apply_backward(self, terms: SortedTerms, x: Tensor, grad: Tensor, norm: Tensor, tau: Tensor,
                        descending: bool, banded: bool, need_tau: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Two passes, as the column pass needs each row's Delta: a row pass, then the column pass."""
+        """Two passes over the tiles, as the column pass needs each row's Delta (a row pass first), then the
+        scores gradient from the column sums (``finish``)."""
         from .kernels import launch
 
-        inputs = {**self._inputs(terms, tau), "x": to_sorted(x, terms.order).contiguous(),
-                  "grad": rows_to_output(grad, descending).contiguous(), "norm": norm}
+        inputs = {**self._windowed(terms), "x": x.contiguous(), "grad": grad.contiguous(), "norm": norm,
+                  "tau": tau.reshape(1), "descending": descending}
         delta = launch.apply_delta(**inputs)
-        dx, u, r, tau_terms = launch.apply_backward(**inputs, count=terms.count.float().contiguous(), delta=delta,
-                                                    need_tau=need_tau)
-        d_scores = signed_sum_gradient(terms, u, r, tau, x.dtype)
-        return d_scores, from_sorted(dx, terms.order), tau_terms.sum(-1) if need_tau else None
+        dx, u, r, tau_terms = launch.apply_backward(**inputs, count=terms.count, delta=delta, need_tau=need_tau)
+        d_scores, tau_rows = launch.finish(u, r, tau_terms, terms.less, terms.not_greater, terms.order,
+                                           tau.reshape(1), x.dtype)
+        return d_scores, dx, tau_rows
 
 
 BACKENDS = {"torch": TorchBackend(), "triton": TritonBackend()}
