@@ -90,6 +90,7 @@ def make_plots(rows: list[dict], folder: Path, grid: Grid | None = None,
                variants: list[str] | None = None) -> list[Path]:
     """time_vs_n, memory_vs_n, time_vs_tau and error_vs_n PNGs (at the grid's sweep batch and first dtype) in
     ``folder``; the paths written. ``grid``: by default the rows' own; ``variants``: by default all, in order."""
+    folder.mkdir(parents=True, exist_ok=True)
     grid = grid if grid is not None else Grid.from_rows(rows)
     variants = variants if variants is not None else list(dict.fromkeys(r["variant"] for r in rows))
     dtype = grid.dtypes[0]
@@ -129,7 +130,6 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m triton_sort.bench.plots OUT_FOLDER CSV [CSV ...]")
         return 2
     folder = Path(argv[0])
-    folder.mkdir(parents=True, exist_ok=True)
     rows = [row for path in argv[1:] for row in read_csv(Path(path))]
     print("wrote " + ", ".join(str(p) for p in make_plots(rows, folder)))
     return 0

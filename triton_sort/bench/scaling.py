@@ -94,7 +94,9 @@ def run(ns: list[int], taus: list[float], repeats: int, device: str, rec: RowWri
                     out.backward(torch.ones_like(out))
                     return out.detach()
 
-                print(rec.add(name, "forward+backward", point, "time", "s", _time(step, repeats)), flush=True)
+                seconds = _time(step, repeats)
+                rec.add(name, "forward+backward", point, "time", "s", seconds)
+                print(f"{name} n={n} tau={tau}: {seconds[0]:.3g} s", flush=True)
                 if reference is not None:
                     error = float((step().double() - reference).norm() / reference.norm())
                     rec.add(name, "forward", point, "rel_error", "ratio", (error,),
