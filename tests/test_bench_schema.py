@@ -106,3 +106,16 @@ def test_scaling_and_memory_check_the_output_folder_first(module, tmp_path, caps
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--n", "8", "--out", str(blocker)])
     assert exit_info.value.code == 2 and "--out: cannot write to" in capsys.readouterr().err
+
+
+def test_memory_rows_and_markdown_name_failures(tmp_path):
+    """A failed fresh-process measurement is a failed row with the error, shown in memory.md."""
+    with RowWriter("memory", tmp_path / "memory.csv") as rec:
+        memory._add_rows(rec, {"variant": "torch_streaming", "n": 8, "d": 1, "tau": 1.0, "extra_mib": 1.5,
+                               "seconds": 0.1})
+        memory._add_rows(rec, {"variant": "dense_reference", "n": 8, "d": 1, "tau": 1.0, "error": "boom"})
+    memory.write_markdown(rec.rows, tmp_path, "triton-sort memory --n 8")
+    assert "| dense_reference | 8 | 1 | 1.0 | failed: boom |" in (tmp_path / "memory.md").read_text()
+    assert "| torch_streaming | 8 | 1 | 1.0 | 1.5 | 0.1 |" in (tmp_path / "memory.md").read_text()
+    assert [(r["metric"], r["status"]) for r in read_csv(tmp_path / "memory.csv")] == [
+        ("peak_memory", "ok"), ("time_one_call", "ok"), ("peak_memory", "failed")]

@@ -542,7 +542,8 @@ def workload_table(rows: list[dict], grid: Grid, device_type: str) -> list[str]:
             return "-"
         return _fmt_seconds(seconds) + (f" ({seconds / versus:.2g}x)" if versus else "")
 
-    for batch, n, tau, d, dtype in sorted(grid.workload_points(), key=lambda p: (p[3], p[0] * p[1], p[1])):
+    order = {workload: index for index, workload in enumerate(grid.workloads)}
+    for batch, n, tau, d, dtype in sorted(grid.workload_points(), key=lambda p: (p[3], order[p[:2]])):
         where = {"batch": batch, "n": n, "tau": tau, "d": d, "dtype": dtype, "pass": "forward+backward"}
         dense, mine = time_of(DENSE, where), time_of(ours, where)
         ops = [_value(rows, variant=v, metric="device_ops", **where) for v in (ours, DENSE)]
