@@ -425,11 +425,14 @@ def run(grid: Grid, variants: list[Variant], device: torch.device, *, csv_path: 
     """Measure every variant at every grid point; the rows of the CSV (also appended to ``csv_path`` as measured).
 
     With ``grid.max_seconds``, a variant whose forward + backward would take longer than that at a larger point
-    (extrapolated as batch x n^2 from its largest measured point at the same tau, d and dtype) is skipped there,
-    with the prediction as the reason: a slow variant cannot stall a quick report.
+    of the sweeps (extrapolated as batch x n^2 from its largest measured point at the same tau, d and dtype) is
+    skipped there, with the prediction as the reason: a slow variant cannot stall a quick report. The batch grid
+    (``grid.workloads``, a fixed set of sizes) is always measured: the banded path grows slower than n^2, and the
+    comparison with the dense formula and the peers there is the point of the report.
     """
     with RowWriter("report", csv_path) as rec:
         points = grid.points()
+        workloads = grid.workload_points()
         largest: dict[tuple, tuple[Point, float]] = {}  # (variant, tau, d, dtype) -> (point, fwd + bwd seconds)
         for index, point in enumerate(points):
             if progress:
@@ -439,7 +442,7 @@ def run(grid: Grid, variants: list[Variant], device: torch.device, *, csv_path: 
             for variant in variants:
                 key = (variant.name, *point[2:])
                 reason = skip_reason(variant, point, device)
-                if not reason and grid.max_seconds and key in largest:
+                if not reason and grid.max_seconds and key in largest and point not in workloads:
                     (b0, n0, *_), seconds = largest[key]
                     predicted = seconds * point[0] * point[1] ** 2 / (b0 * n0**2)
                     if predicted > grid.max_seconds:
