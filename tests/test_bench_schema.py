@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib.util
 
 import pytest
 import torch
@@ -54,7 +55,7 @@ def test_report_scaling_and_memory_write_the_same_columns_and_plots_read_any(tmp
                 count_ops=False)
     report.run(grid, [report.VARIANTS["dense_reference"]], torch.device("cpu"), csv_path=folder / "report.csv",
                progress=False)
-    assert scaling.main(["--n", "32", "64", "--tau", "1", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    assert scaling.main(["--n", "48", "--tau", "1", "--repeats", "1", "--out", str(tmp_path)]) == 0
     assert memory.main(["--n", "32", "--variants", "torch_streaming", "--out", str(tmp_path)]) == 0
     paths = [folder / name for name in ("report.csv", "scaling.csv", "memory.csv")]
     assert all(_header(path) == COLUMNS for path in paths)
@@ -63,14 +64,16 @@ def test_report_scaling_and_memory_write_the_same_columns_and_plots_read_any(tmp
     assert {r["metric"] for r in rows if r["tool"] == "scaling" and r["status"] == "ok"} == {
         "time", "rel_error", "peak_memory"}
     assert {r["metric"] for r in rows if r["tool"] == "memory"} == {"peak_memory", "time_one_call"}
-    assert "| torch_banded | 64 | 1.0 |" in (folder / "scaling.md").read_text()
+    assert "| torch_banded | 48 | 1.0 |" in (folder / "scaling.md").read_text()
     assert "| torch_streaming | 32 | 1 | 1.0 |" in (folder / "memory.md").read_text()
     # The scaling rows alone, and all three together, plot (the grid is read off the rows).
     assert "time_vs_n.png" in {p.name for p in make_plots(read_csv(paths[1]), tmp_path / "scaling-plots")}
     names = {p.name for p in make_plots(rows, tmp_path / "all-plots")}
     assert {"time_vs_n.png", "memory_vs_n.png", "error_vs_n.png"} <= names
-    pandas = pytest.importorskip("pandas")
-    assert list(pandas.concat([pandas.read_csv(p) for p in paths]).columns) == list(COLUMNS)
+    if importlib.util.find_spec("pandas"):  # not a dependency; the shared header above is what makes concat work
+        import pandas
+
+        assert list(pandas.concat([pandas.read_csv(p) for p in paths]).columns) == list(COLUMNS)
 
 
 def test_grid_from_rows_recovers_the_sweeps_and_workloads():
