@@ -51,13 +51,3 @@ def test_memory_measurement_in_a_fresh_process():
     row = measure_in_subprocess("torch_streaming", 300, 2, 0.5)
     assert "error" not in row, row
     assert row["extra_mib"] >= 0 and row["seconds"] > 0
-
-
-def test_memory_report_is_written(tmp_path):
-    from triton_sort.bench.memory import write_report
-
-    rows = [{"variant": "torch_streaming", "n": 8, "d": 1, "tau": 1.0, "device": "cpu", "extra_mib": 1.5,
-             "seconds": 0.1}, {"variant": "dense_reference", "n": 8, "d": 1, "tau": 1.0, "error": "boom"}]
-    write_report(rows, tmp_path, "triton-sort memory --n 8")
-    assert "failed: boom" in (tmp_path / "memory.md").read_text()
-    assert (tmp_path / "memory.csv").read_text().splitlines()[0].startswith("variant,n,d,tau")

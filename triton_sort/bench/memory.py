@@ -6,19 +6,17 @@ backward once, and reads the new peak (``VmHWM``). Extra memory = that peak minu
 call (``peak_extra_bytes``). On CUDA the same is done with ``torch.cuda.max_memory_allocated``.
 
 ``triton-sort memory [--n 16384] [--d 1] [--tau 1.0]`` prints a table and writes
-``perf_reports/<device>/memory.{csv,md}``.
+``perf_reports/<device>/memory.{csv,md}`` (the CSV in the ``bench.schema`` format, rows written as measured:
+``peak_memory`` in MiB and ``time_one_call``, one call's seconds, not a median).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import ctypes
 import ctypes.util
 import gc
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -26,6 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from .schema import RowWriter, check_writable, machine_description, machine_name, positive_float, positive_int
+
+__all__ = ["MIB", "VARIANTS", "machine_description", "machine_name", "main", "measure", "measure_in_subprocess",
+           "peak_extra_bytes"]
 
 VARIANTS = ("dense_reference", "torch_streaming", "triton_streaming")
 MIB = 1 << 20
@@ -109,37 +112,26 @@ def measure_in_subprocess(variant: str, n: int, d: int, tau: float, timeout: flo
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def machine_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name().replace(" ", "-")
-    return f"cpu-{platform.machine()}"
+def _add_rows(rec: RowWriter, measured: dict) -> None:
+    """The schema rows of one ``measure_in_subprocess`` result."""
+    point = (1, measured["n"], measured["tau"], measured["d"], "fp32")
+    variant = measured["variant"]
+    if "error" in measured:
+        rec.add(variant, "forward+backward", point, "peak_memory", status="failed", note=measured["error"])
+        return
+    rec.add(variant, "forward+backward", point, "peak_memory", "MiB", (measured["extra_mib"],),
+            note="fresh process, peak RSS above the inputs")
+    rec.add(variant, "forward+backward", point, "time_one_call", "s", (measured["seconds"],),
+            note="one call, not a median")
 
 
-def machine_description() -> str:
-    """The device's name and, on CPU, the processor model and core count (for report headers)."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} cores"
-
-
-def write_report(rows: list[dict], folder: Path, command: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    fields = ["variant", "n", "d", "tau", "device", "extra_mib", "seconds", "error"]
-    with open(folder / "memory.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+def write_markdown(rows: list[dict], folder: Path, command: str) -> None:
+    """memory.md from the schema rows."""
     lines = [
         "# Peak extra memory of forward + backward",
         "",
         f"Machine: {machine_description()}, torch {torch.__version__}. "
-        f"Command: `{command}`.",
+        f"Command: `{command}`. Raw data: [`memory.csv`](memory.csv).",
         "Extra memory is the measured peak resident set size (CPU) or allocated memory (CUDA) during one "
         "forward + backward, minus what was resident before it; each variant runs in a fresh process. "
         "Time is one call (not a benchmark median).",
@@ -147,28 +139,33 @@ def write_report(rows: list[dict], folder: Path, command: str) -> None:
         "| variant | n | d | tau | extra memory (MiB) | time (s) |",
         "|---|---|---|---|---|---|",
     ]
+    seconds = {(r["variant"], r["n"], r["d"], r["tau"]): r["median"] for r in rows if r["metric"] == "time_one_call"}
     for row in rows:
-        memory = row.get("extra_mib", f"failed: {row.get('error', '')}")
+        if row["metric"] != "peak_memory":
+            continue
+        memory = row["median"] if row["status"] == "ok" else f"{row['status']}: {row['note']}"
+        key = (row["variant"], row["n"], row["d"], row["tau"])
         lines.append(f"| {row['variant']} | {row['n']} | {row['d']} | {row['tau']} | {memory} | "
-                     f"{row.get('seconds', '')} |")
+                     f"{seconds.get(key, '')} |")
     (folder / "memory.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="triton-sort memory", description="Peak extra memory of fwd + bwd.")
-    parser.add_argument("--n", type=int, nargs="+", default=[1024, 4096, 16384])
-    parser.add_argument("--d", type=int, default=1)
-    parser.add_argument("--tau", type=float, default=1.0)
+    parser.add_argument("--n", type=positive_int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--d", type=positive_int, default=1)
+    parser.add_argument("--tau", type=positive_float, default=1.0)
     parser.add_argument("--variants", nargs="+", default=["dense_reference", "torch_streaming"], choices=VARIANTS)
     parser.add_argument("--out", type=Path, default=Path("perf_reports"))
     args = parser.parse_args(argv)
-    rows = []
-    for n in args.n:
-        for variant in args.variants:
-            row = measure_in_subprocess(variant, n, args.d, args.tau)
-            print(row, flush=True)
-            rows.append(row)
+    folder = check_writable(parser, args.out / machine_name())
+    with RowWriter("memory", folder / "memory.csv") as rec:
+        for n in args.n:
+            for variant in args.variants:
+                measured = measure_in_subprocess(variant, n, args.d, args.tau)
+                print(measured, flush=True)
+                _add_rows(rec, measured)
     command = "triton-sort memory " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_report(rows, args.out / machine_name(), command.strip())
-    print(f"wrote {args.out / machine_name() / 'memory.md'}")
+    write_markdown(rec.rows, folder, command.strip())
+    print(f"wrote {folder / 'memory.csv'}, {folder / 'memory.md'}")
     return 0

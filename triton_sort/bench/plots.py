@@ -1,14 +1,17 @@
-"""PNG plots of a performance report (matplotlib, the ``report`` extra): one line per variant, same colour in
-every plot; shaded bands are the 20th-80th percentiles of the timings."""
+"""PNG plots of any ``perf_reports`` CSV (the ``bench.schema`` rows of ``report``, ``scaling``, ``memory``, or
+several concatenated; matplotlib, the ``report`` extra): one line per variant, same colour in every plot; shaded
+bands are the 20th-80th percentiles of the timings. What is drawn follows a ``bench.grid.Grid``, by default the one
+the rows cover (``Grid.from_rows``).
+
+``python -m triton_sort.bench.plots OUT_FOLDER CSV [CSV ...]`` draws the plots of the given CSVs."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .report import Grid
+from .grid import Grid
 
 PASS_TITLES = {"forward": "forward", "backward": "backward", "forward+backward": "forward + backward"}
 ERROR_TITLES = {"rel_error": "output (forward)", "rel_error_dscores": "d scores (backward)",
@@ -83,10 +86,15 @@ def _figure(path: Path, panels: list[tuple[str, str, dict]], rows: list[dict], x
     return path
 
 
-def make_plots(rows: list[dict], grid: Grid, variants: list[str], folder: Path) -> list[Path]:
-    """time_vs_n, memory_vs_n, time_vs_tau and error_vs_n PNGs (at the grid's first dtype); the paths written."""
+def make_plots(rows: list[dict], folder: Path, grid: Grid | None = None,
+               variants: list[str] | None = None) -> list[Path]:
+    """time_vs_n, memory_vs_n, time_vs_tau and error_vs_n PNGs (at the grid's sweep batch and first dtype) in
+    ``folder``; the paths written. ``grid``: by default the rows' own; ``variants``: by default all, in order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    grid = grid if grid is not None else Grid.from_rows(rows)
+    variants = variants if variants is not None else list(dict.fromkeys(r["variant"] for r in rows))
     dtype = grid.dtypes[0]
-    sweep = {"tau": grid.tau_ref, "dtype": dtype}
+    sweep = {"tau": grid.tau_ref, "dtype": dtype, "batch": grid.batch}
     memory_ds = sorted({int(r["d"]) for r in rows if r["metric"] == "peak_memory" and r["status"] == "ok"})
     figures = [
         ("time_vs_n.png", "n", 3,
@@ -100,7 +108,7 @@ def make_plots(rows: list[dict], grid: Grid, variants: list[str], folder: Path) 
          f"Peak memory vs n (tau = {grid.tau_ref}, {dtype}, batch {grid.batch})"),
         ("time_vs_tau.png", "tau", 3,
          [(PASS_TITLES[p], "time (s)", {"pass": p, "n": grid.n_ref, "d": (grid.tau_ds or grid.ds)[0],
-                                        "metric": "time", "dtype": dtype}) for p in PASS_TITLES],
+                                        "metric": "time", "dtype": dtype, "batch": grid.batch}) for p in PASS_TITLES],
          f"Time vs tau (n = {grid.n_ref}, d = {(grid.tau_ds or grid.ds)[0]}, {dtype}, batch {grid.batch})"),
         ("error_vs_n.png", "n", 3,
          [(ERROR_TITLES[m], "relative error vs float64", {"metric": m, "d": grid.ds[0], **sweep})
@@ -112,3 +120,20 @@ def make_plots(rows: list[dict], grid: Grid, variants: list[str], folder: Path) 
         if panels and (path := _figure(folder / name, panels, rows, x_key, variants, title, columns)):
             written.append(path)
     return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .schema import read_csv
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) < 2:
+        print("usage: python -m triton_sort.bench.plots OUT_FOLDER CSV [CSV ...]")
+        return 2
+    folder = Path(argv[0])
+    rows = [row for path in argv[1:] for row in read_csv(Path(path))]
+    print("wrote " + ", ".join(str(p) for p in make_plots(rows, folder)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
