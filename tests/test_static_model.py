@@ -25,7 +25,9 @@ MODEL_FOLDER = Path(__file__).resolve().parents[1] / "perf_reports" / "model"
 def _compiled_counts(code: str, tmp_path) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    script = tmp_path / "counts.py"  # @triton.jit needs its source in a file
+    script.write_text(code)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -78,7 +80,8 @@ def test_counts_follow_the_compiled_code(tmp_path):
         assert one[origin]["fp64"] == 0
         assert with_f64[origin]["fp64"] >= 1.0  # the multiply (+ the add, or one fused DFMA)
         assert with_f64[origin]["conversion"] >= 1.0  # fp32 -> float64 per entry
-    assert one["origin"] == ("sass" if model.cuobjdump_path() else "ptx")
+    # ptxas unrolls this small loop (4 iterations per trip): the SASS counts are per iteration all the same.
+    assert one["origin"].startswith("sass" if model.cuobjdump_path() else "ptx")
 
 
 REAL = """

@@ -72,28 +72,29 @@ STEPS: tuple[Step, ...] = (
          _internal("compile_and_graphs"), _internal("compile_and_graphs"), 90, 60),
     Step("launches", "Triton kernel launches, CUDA kernels, aten ops and syncs per forward + backward step",
          _internal("launches"), _internal("launches"), 45, 30),
+    Step("model_vs_measured", "each kernel alone (full windows, default configuration) against the static model's "
+         "predicted time per entry", _internal("model_vs_measured"), _internal("model_vs_measured"), 60, 40),
     Step("autotune", "triton-sort autotune for the common workloads' keys (short lists in batches, n up to 2^17)",
-         _cli("autotune", "--n", "128", "1024", "8192", "131072", "--d", "1", "16", "64", "--dtype", "fp32", "bf16",
+         _cli("autotune", "--n", "1024", "16384", "131072", "--d", "1", "16", "64", "--dtype", "fp32", "bf16",
               "--no-progress"),
          _cli("autotune", "--allow-interpreter", "--n", "32", "--d", "1", "--dtype", "fp32", "--kernel",
               "apply_forward", "--no-progress"), 120, 60),
     Step("report", "triton-sort report: the (B, n) grid with do_bench, dense formula and peers, exp/s, memory",
-         _cli("report", "--quick", "--out", "{work}/perf_reports"),
+         _cli("report", "--quick", "--n", "256", "2048", "16384", "--tau", "0.1", "1", "--d", "1", "64", "--out",
+              "{work}/perf_reports"),
          _cli("report", "--n", "16", "--tau", "1", "--d", "1", "--batch", "2", "--variants", "dense_reference",
               "triton_banded", "--out", "{work}/perf_reports"), 150, 60),
     Step("scaling", "triton-sort scaling: large n, banded against dense",
          _cli("scaling", "--n", "16384", "65536", "131072", "--tau", "0.1", "1", "--repeats", "3", "--out",
               "{work}/perf_reports"),
          _cli("scaling", "--n", "32", "--tau", "1", "--repeats", "1", "--out", "{work}/perf_reports"), 90, 60),
-    Step("model_vs_measured", "each kernel alone (full windows, default configuration) against the static model's "
-         "predicted time per entry", _internal("model_vs_measured"), _internal("model_vs_measured"), 60, 40),
 )
 
 # Sizes of the internal steps: (on a GPU, in a dry run).
 CORRECTNESS_CASES = {
-    "gpu": {"n": (1, 2, 17, 257, 2049), "batch": (1, 3), "d": (1, 16, 130), "dtypes": ("fp32", "fp16", "bf16"),
-            "tau": (0.1, 1.0)},
-    "dry": {"n": (1, 17), "batch": (2,), "d": (1, 16), "dtypes": ("fp32",), "tau": (1.0,)},
+    "gpu": {"n": (1, 17, 257, 2049), "batch": (3,), "d": (1, 16, 130), "dtypes": ("fp32", "fp16", "bf16"),
+            "tau": (0.5,)},
+    "dry": {"n": (17,), "batch": (2,), "d": (1, 16), "dtypes": ("fp32",), "tau": (1.0,)},
 }
 MEASURE_SIZES = {"gpu": {"batch": 4, "n": 4096, "d": (1, 16, 64), "dtypes": ("fp32", "bf16")},
                  "dry": {"batch": 1, "n": 32, "d": (1,), "dtypes": ("fp32",)}}
@@ -753,8 +754,7 @@ def _predictions(device) -> dict:
     out = {}
     for result in model.run_model(items):
         if "error" not in result:
-            unit, seconds = model.limiting(model.unit_seconds(model.per_entry(result["counts"], model._config(result)),
-                                                              device))
+            unit, seconds = model.limiting(model.unit_seconds(model.entry_of(result), device))
             out[(model.variant_name(result), result["block_d"], result["dtype"])] = (seconds, unit)
     return out
 

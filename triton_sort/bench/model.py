@@ -313,13 +313,21 @@ def sass_of(cubin: bytes) -> str | None:
 
 
 def count_compiled(compiled) -> tuple[dict[str, float], str]:
-    """Counts of one ``triton.compile`` result and what they were read from ("sass" or "ptx")."""
+    """Counts of one ``triton.compile`` result and what they were read from ("sass", "sass/unrolled<u>" or "ptx").
+
+    ptxas may unroll a tile loop (u iterations per trip, the rest peeled off outside it); Triton's PTX never does, so
+    the ratio of the loops' exponentials (else global loads) in SASS and PTX gives u, and the SASS counts are divided
+    by it."""
+    ptx = count_ptx(compiled.asm["ptx"])
     sass = sass_of(compiled.asm["cubin"]) if compiled.asm.get("cubin") else None
-    if sass:
-        counts = count_sass(parse_sass(sass))
-        if counts["instructions"]:
-            return counts, "sass"
-    return count_ptx(compiled.asm["ptx"]), "ptx"
+    counts = count_sass(parse_sass(sass)) if sass else {}
+    if not counts.get("instructions"):
+        return ptx, "ptx"
+    marker = "ex2" if ptx["ex2"] else "load_bytes"
+    unroll = max(1, round(counts[marker] / ptx[marker])) if ptx[marker] else 1
+    if unroll == 1:
+        return counts, "sass"
+    return {name: value / unroll for name, value in counts.items()}, f"sass/unrolled{unroll}"
 
 
 def per_entry(counts: dict[str, float], config) -> dict[str, float]:
@@ -344,9 +352,11 @@ def unit_seconds(entry: dict[str, float], device: Device) -> dict[str, float]:
 
 
 def limiting(seconds: dict[str, float]) -> tuple[str, float]:
-    """The compute unit that bounds the kernel and its time per entry (DRAM only when nothing else is slower)."""
-    unit = max(seconds, key=seconds.get)
-    return unit, seconds[unit]
+    """The unit that bounds the kernel and its time per entry. DRAM is left out: the bytes counted are the threads'
+    requests (broadcast loads once per thread, tiles reused from L1/L2), far above the kernels' DRAM traffic."""
+    compute = {unit: value for unit, value in seconds.items() if unit != "dram"}
+    unit = max(compute, key=compute.get)
+    return unit, compute[unit]
 
 
 def exp_floor_seconds(device: Device) -> float:
@@ -435,7 +445,7 @@ def rows_of(results: list[dict]) -> list[dict]:
         if "error" in result:
             add(result, arch, "compile", "", "", "failed", result["error"])
             continue
-        entry = per_entry(result["counts"], _config(result))
+        entry = entry_of(result)
         for name, value in entry.items():
             add(result, arch, f"{name}_per_entry", "bytes" if name.endswith("bytes") else "count", value,
                 note=f"from {result['origin']}")
@@ -448,6 +458,37 @@ def rows_of(results: list[dict]) -> list[dict]:
             unit, value = limiting(seconds)
             add(result, device.name, "predicted_time_per_entry", "s", value, note=f"limited by {unit}")
     return rows
+
+
+def entry_of(result: dict) -> dict[str, float]:
+    """Counts per entry of P_hat of one result: computed from its per-thread counts, or as read from a model.csv."""
+    return result["entry"] if "entry" in result else per_entry(result["counts"], _config(result))
+
+
+_VARIANT = re.compile(r"^(\w+)/m(\d+)n(\d+)w(\d+)s(\d+)(/multi_d)?$")
+
+
+def results_from_csv(path: Path) -> list[dict]:
+    """The results of an earlier run, rebuilt from the counts per entry of its model.csv (no compiling): for changing
+    the rates or the report without recompiling 324 kernels."""
+    from .report import read_csv
+
+    results: dict[tuple, dict] = {}
+    for row in read_csv(path):
+        match = _VARIANT.match(row["variant"])
+        if not match or not row["device"].startswith("sm"):
+            continue
+        kernel, bm, bn, warps, stages, multi = match.groups()
+        key = (row["variant"], row["d"], row["dtype"], row["device"])
+        result = results.setdefault(key, {
+            "kernel": kernel, "block_m": int(bm), "block_n": int(bn), "num_warps": int(warps),
+            "num_stages": int(stages), "block_d": int(row["d"]), "dtype": row["dtype"], "single_d_chunk": not multi,
+            "arch": int(row["device"][2:]), "origin": row["note"].removeprefix("from "), "entry": {}})
+        if row["metric"] == "compile" and row["status"] == "failed":
+            result["error"] = row["note"]
+        elif row["metric"].endswith("_per_entry"):
+            result["entry"][row["metric"].removesuffix("_per_entry")] = float(row["median"])
+    return list(results.values())
 
 
 def _config(result: dict):
@@ -478,7 +519,7 @@ def headline(results: list[dict]) -> list[dict]:
                result["num_stages"])
         if "error" in result or key not in defaults or not result.get("single_d_chunk", True):
             continue
-        entry = per_entry(result["counts"], _config(result))
+        entry = entry_of(result)
         for device in (*DEVICES.values(), *LOW_FP64_DEVICES.values()):
             if device.arch != result["arch"]:
                 continue
@@ -493,14 +534,16 @@ def headline(results: list[dict]) -> list[dict]:
     return table
 
 
-def write_readme(results: list[dict], folder: Path, command: str, seconds: float) -> None:
+def write_readme(results: list[dict], folder: Path, command: str, seconds: float, recounted: bool = False) -> None:
     table = headline(results)
     from .report import COLUMNS
 
     errors = [r for r in results if "error" in r]
     origins = Counter(r.get("origin") for r in results if "error" not in r)
     lines = ["# Static model of the kernels' speed", "",
-             f"Command: `{command}` ({seconds:.0f} s, no GPU). {len(results)} compiled kernels (every kernel x launch "
+             f"Command: `{command}` ("
+             + ("times re-derived from the counts of an earlier compiling run" if recounted else f"{seconds:.0f} s")
+             + f", no GPU). {len(results)} compiled kernels (every kernel x launch "
              f"configuration x block_d x dtype of `kernels.compile_check.all_jobs`, for sm_80 and sm_90); counts read "
              f"from {', '.join(f'{k} ({v})' for k, v in sorted(origins.items()))}"
              + (f"; {len(errors)} did not compile (rows with status failed)" if errors else "") + ".", "",
@@ -518,8 +561,9 @@ def write_readme(results: list[dict], folder: Path, command: str, seconds: float
              "## Predictions at the default configurations", "",
              "Time per entry of P_hat (ps), limiting unit, and the float64 work's time relative to the exp floor "
              "(one MUFU ex2 per entry: 16/clk/SM). fp32 values unless stated.", "",
-             "| kernel | block_d | dtype | A100 | H100 | H200 | H100 / exp floor | float64 / exp floor (H100) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| kernel | block_d | dtype | A100 | H100 | H200 | H100 / exp floor | float64 / exp floor (H100) | "
+             "ex2, fp64, shuffles, warp instr. per entry (sm_90) | requested global bytes per entry |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     grouped: dict[tuple, dict[str, dict]] = {}
     for row in table:
         grouped.setdefault((row["kernel"], row["block_d"], row["dtype"]), {})[row["device"]] = row
@@ -532,9 +576,14 @@ def write_readme(results: list[dict], folder: Path, command: str, seconds: float
             return f"{row['seconds'] * 1e12:.2f} ({row['unit']})" if row else "-"
 
         h100 = by_device.get("h100-sxm")
+        if h100 is None:
+            lines.append(f"| {kernel} | {block_d} | {dtype} | {cell('a100-sxm4-80gb')} | - | - | - | - | - | - |")
+            continue
+        e = h100["entry"]
         lines.append(f"| {kernel} | {block_d} | {dtype} | {cell('a100-sxm4-80gb')} | {cell('h100-sxm')} | "
-                     f"{cell('h200')} | {h100['over_floor']:.1f}x | {h100['fp64_over_floor']:.2f}x |" if h100 else
-                     f"| {kernel} | {block_d} | {dtype} | {cell('a100-sxm4-80gb')} | - | - | - | - |")
+                     f"{cell('h200')} | {h100['over_floor']:.1f}x | {h100['fp64_over_floor']:.2f}x | "
+                     f"{e['ex2']:.2g}, {e['fp64']:.3g}, {e['shuffle']:.3g}, {e['warp_instructions']:.3g} | "
+                     f"{e['load_bytes'] + e['store_bytes']:.3g} |")
     lines += ["", "## Without float64: double-float (fp32 pairs) on GPUs with little float64", "",
               f"Each float64 operation (DMMA multiply-adds included) replaced by {DOUBLE_FLOAT_OPS} fp32 operations "
               "(double-word arithmetic, Joldes, Muller and Popescu, ACM TOMS 2017), f32<->f64 conversions dropped; "
@@ -558,27 +607,44 @@ def _findings(table: list[dict]) -> list[str]:
     if not h100:
         return []
     units = Counter(row["unit"] for row in h100)
+    shuffles = max(h100, key=lambda row: row["entry"]["shuffle"])
     lines = ["## Findings", "",
              "- Limiting unit on H100 (fp32, default configurations): "
-             + ", ".join(f"{unit} for {count}" for unit, count in units.most_common()) + " kernel/block_d pairs.",
+             + ", ".join(f"{unit} for {count}" for unit, count in units.most_common()) + " kernel/block_d pairs. "
+             "`issue` means the instruction stream itself (integer index and mask arithmetic, selects, conversions "
+             "besides the floating-point work): 4 warp instructions per clock per SM.",
+             f"- Warp shuffles: up to {shuffles['entry']['shuffle']:.3g} per entry ({shuffles['kernel']}, block_d "
+             f"{shuffles['block_d']}): the row sums `tl.sum(..., axis=1)` of every tile are cross-thread float64 "
+             "reductions (two shuffles per float64 value) inside the loop; accumulating per-thread (BLOCK_M, "
+             "BLOCK_N) partials across tiles and reducing once after the loop would remove them and most of the "
+             "float64 additions.",
+             "- Requested global bytes per entry (last column) exceed what DRAM could serve at these rates, but "
+             "they count each thread's request (broadcast loads of a tile's per-column terms once per thread): "
+             "the tiles are reused from L1/L2, so DRAM is not taken as a bound; a measured time far above the "
+             "prediction would point there first.",
              f"- The float64 work alone takes {min(r['fp64_over_floor'] for r in h100):.2f}x to "
              f"{max(r['fp64_over_floor'] for r in h100):.2f}x the exp floor on H100 (A100: half the float64 rate, "
              "so twice that ratio); the predicted time is "
              f"{min(r['over_floor'] for r in h100):.1f}x to {max(r['over_floor'] for r in h100):.1f}x the floor."]
     if low:
         gains = [row["seconds"] / row["double_float_seconds"] for row in low]
+        low_units = Counter(row["unit"] for row in low)
+        fast = [row["seconds"] / row["double_float_seconds"] for row in h100]
         lines.append(f"- On L40S / RTX 4090 (FP64 at 1/64) double-float would be {min(gains):.1f}x to "
-                     f"{max(gains):.1f}x faster than the float64 code as compiled: there the float64 pipe, not the "
-                     "exponentials, bounds every kernel.")
+                     f"{max(gains):.1f}x faster than the float64 code as compiled (limited there by "
+                     + ", ".join(f"{unit} for {count}" for unit, count in low_units.most_common())
+                     + f"); on H100 it would be slower ({min(fast):.1f}x to {max(fast):.1f}x the speed): a "
+                     "float64-free variant pays only on GPUs with little float64.")
     return lines
 
 
-def write_model(results: list[dict], folder: Path, command: str, seconds: float) -> list[Path]:
+def write_model(results: list[dict], folder: Path, command: str, seconds: float,
+                recounted: bool = False) -> list[Path]:
     from .report import write_csv
 
     folder.mkdir(parents=True, exist_ok=True)
     write_csv(rows_of(results), folder / "model.csv")
-    write_readme(results, folder, command, seconds)
+    write_readme(results, folder, command, seconds, recounted)
     return [folder / "model.csv", folder / "README.md"]
 
 
@@ -602,13 +668,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=[80, 90],
                         help="compute capabilities to compile for")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel compiler processes")
+    parser.add_argument("--from-csv", type=Path, help="re-derive times from the counts of an earlier model.csv "
+                        "(no compiling; after changing the rates)")
     args = parser.parse_args(argv)
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} exists and is not a folder")
+    if args.from_csv is not None and not args.from_csv.is_file():
+        parser.error(f"--from-csv {args.from_csv} is not a file")
     started = time.perf_counter()
-    results = run_model(all_items(tuple(args.arch)), args.workers)
+    if args.from_csv is not None:
+        results = results_from_csv(args.from_csv)
+    else:
+        results = run_model(all_items(tuple(args.arch)), args.workers)
     command = "triton-sort model " + " ".join(argv if argv is not None else sys.argv[1:])
-    files = write_model(results, args.out, command.strip(), time.perf_counter() - started)
+    files = write_model(results, args.out, command.strip(), time.perf_counter() - started, args.from_csv is not None)
     print("wrote " + ", ".join(map(str, files)))
     return 1 if any("error" in r for r in results) else 0
 
