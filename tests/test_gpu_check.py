@@ -21,6 +21,7 @@ from triton_sort.bench.report import COLUMNS
 MAX_FILES = 8
 
 
+@pytest.mark.slow  # about a minute of CPU: eight steps, each a fresh process importing torch
 def test_dry_run_end_to_end(tmp_path):
     out = tmp_path / "gpu"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # gpu-check sets it for its steps
