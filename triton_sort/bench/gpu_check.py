@@ -281,10 +281,11 @@ def headline(run: Run, rows: list[dict]) -> dict:
                                                  f"{r['note']}" for r in failed[:5]]}
     launches = [r for r in rows if r["metric"] == "triton_launches"]
     if launches:
-        out["launches_per_step"] = {r["variant"]: r["median"] for r in launches}
+        out["launches_per_step"] = {r["variant"]: int(r["median"]) for r in launches if r["median"] != ""}
     ratios = [r for r in rows if r["metric"] == "measured_over_predicted" and r["status"] == "ok"]
     if ratios:
-        out["measured_over_predicted"] = {f"{r['variant']} d={r['d']} {r['dtype']}": r["median"] for r in ratios}
+        out["measured_over_predicted"] = {f"{r['variant']} d={r['d']} {r['dtype']}": float(r["median"])
+                                          for r in ratios}
     report_csv = next(run.work.glob("perf_reports/*/report.csv"), None)
     if report_csv is not None:
         try:
