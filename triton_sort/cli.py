@@ -1,4 +1,4 @@
-"""The ``triton-sort`` command: ``triton-sort {memory,scaling,report,autotune} ...``."""
+"""The ``triton-sort`` command: ``triton-sort {memory,scaling,report,autotune,gpu-check,model} ...``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ SUBCOMMANDS = {
     "scaling": "triton_sort.bench.scaling",
     "report": "triton_sort.bench.report",
     "autotune": "triton_sort.autotune.cli",
+    "gpu-check": "triton_sort.bench.gpu_check",
+    "model": "triton_sort.bench.model",
 }
 
 
