@@ -23,7 +23,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from ._columns import LOG2_E, SortedTerms, band_threshold, output_rows, positions, signed_sum, sorted_terms
+from ._columns import SortedTerms, band_threshold, output_rows, positions, signed_sum, sorted_terms
 
 # Elements of one (B, rows, window) temporary of the PyTorch path; about six of them (float64 ones included)
 # are alive at once, so a chunk costs at most ~15 MiB whatever n is (the extra memory stays far below the dense

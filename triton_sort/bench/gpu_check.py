@@ -11,7 +11,7 @@ Output (``--out``, at most 8 files, each under 16 MiB; rewritten after every ste
   the headline figures;
 - ``README.md``: the same for people, with the measured-versus-predicted table of the static model;
 - ``gpu_check.csv``: the rows of the correctness, compile/graph, launch-count and measured-versus-model steps, in the
-  reports' long-format columns (``triton_sort.bench.report.COLUMNS``);
+  reports' long-format columns (``triton_sort.bench.schema.COLUMNS``);
 - ``commit.tar.gz``: the files to commit, ``perf_reports/<gpu>/`` (report, scaling, gpu_check.csv and this README as
   gpu_check.md) and ``autotune/tuned/<device>-<arch>.json``: ``tar xzf commit.tar.gz`` in the repository root;
 - ``log.txt``: the tail of every step's output.
@@ -224,7 +224,7 @@ def _rows(run: Run) -> list[dict]:
 
 def write_outputs(run: Run, started_at: str) -> None:
     """summary.json, README.md, gpu_check.csv and commit.tar.gz from what the steps have written so far."""
-    from .report import COLUMNS
+    from .schema import COLUMNS
 
     rows = _rows(run)
     with open(run.out / "gpu_check.csv", "w", newline="") as handle:
@@ -289,7 +289,7 @@ def headline(run: Run, rows: list[dict]) -> dict:
     report_csv = next(run.work.glob("perf_reports/*/report.csv"), None)
     if report_csv is not None:
         try:
-            from .report import read_csv
+            from .schema import read_csv
 
             rates = [r for r in read_csv(report_csv) if r.get("metric") == "exp_rate" and r.get("status") == "ok"]
             if rates:
@@ -341,7 +341,7 @@ def readme_text(summary: dict, rows: list[dict]) -> str:
                          + (f"{float(p['median']) * 1e12:.3g} | {p['note'].removeprefix('limited by ')} | {ratio} |"
                             if p and p["median"] else "- | - | - |"))
     lines += ["", "Files: `summary.json` (all of this as data), `gpu_check.csv` (the steps' rows; columns of "
-              "`triton_sort.bench.report.COLUMNS`), `log.txt` (each step's output), `commit.tar.gz` (unpack in the "
+              "`triton_sort.bench.schema.COLUMNS`), `log.txt` (each step's output), `commit.tar.gz` (unpack in the "
               "repository root: `perf_reports/<gpu>/` and `autotune/tuned/<device>-<arch>.json`)."]
     return "\n".join(lines) + "\n"
 
@@ -353,11 +353,12 @@ class Rows:
     def __init__(self, work: Path, step: str) -> None:
         from .. import __version__
         from .memory import machine_name
-        from .report import COLUMNS, commit
+        from .schema import COLUMNS, commit
 
         self.columns = COLUMNS
         self.path = work / f"rows_{step}.csv"
-        self.common = {"device": machine_name(), "package_version": __version__, "commit": commit() or "unknown",
+        self.common = {"tool": "gpu-check", "device": machine_name(), "package_version": __version__,
+                       "commit": commit() or "unknown",
                        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         self.count = 0
         self.failed = 0

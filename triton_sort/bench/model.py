@@ -39,7 +39,7 @@ INNER_TRIPS = 2
 
 # What each kernel's pass is, for the CSV's ``pass`` column.
 PASS_OF_KERNEL = {"matrix_forward": "forward", "apply_forward": "forward", "apply_delta": "backward",
-                  "apply_backward": "backward"}
+                  "apply_backward": "backward", "prepare": "forward", "finish": "backward"}
 
 COUNTS = ("ex2", "mufu", "fp64", "fp32", "conversion", "shuffle", "dmma_macs", "tf32_macs", "f16_macs", "load_bytes",
           "store_bytes", "instructions")
@@ -426,7 +426,7 @@ def rows_of(results: list[dict]) -> list[dict]:
     """Long-format rows: the counts per entry (device = the arch) and, per device of that arch, each unit's time per
     entry, the predicted time and the limiting unit."""
     from .. import __version__
-    from .report import COLUMNS, commit
+    from .schema import COLUMNS, commit
 
     common = {"package_version": __version__, "commit": commit(),
               "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -434,7 +434,7 @@ def rows_of(results: list[dict]) -> list[dict]:
 
     def add(result: dict, device: str, metric: str, unit: str, value, status: str = "ok", note: str = "") -> None:
         row = dict.fromkeys(COLUMNS, "")
-        values = {"variant": variant_name(result), "pass": PASS_OF_KERNEL.get(result["kernel"], ""),
+        values = {"tool": "model", "variant": variant_name(result), "pass": PASS_OF_KERNEL.get(result["kernel"], ""),
                   "d": result["block_d"], "dtype": result["dtype"], "device": device, "metric": metric,
                   "unit": unit, "median": value, "status": status, "note": note, **common}
         row.update({key: value for key, value in values.items() if key in row})
@@ -471,7 +471,7 @@ _VARIANT = re.compile(r"^(\w+)/m(\d+)n(\d+)w(\d+)s(\d+)(/multi_d)?$")
 def results_from_csv(path: Path) -> list[dict]:
     """The results of an earlier run, rebuilt from the counts per entry of its model.csv (no compiling): for changing
     the rates or the report without recompiling 324 kernels."""
-    from .report import read_csv
+    from .schema import read_csv
 
     results: dict[tuple, dict] = {}
     for row in read_csv(path):
@@ -536,7 +536,7 @@ def headline(results: list[dict]) -> list[dict]:
 
 def write_readme(results: list[dict], folder: Path, command: str, seconds: float, recounted: bool = False) -> None:
     table = headline(results)
-    from .report import COLUMNS
+    from .schema import COLUMNS
 
     errors = [r for r in results if "error" in r]
     origins = Counter(r.get("origin") for r in results if "error" not in r)
@@ -640,7 +640,7 @@ def _findings(table: list[dict]) -> list[str]:
 
 def write_model(results: list[dict], folder: Path, command: str, seconds: float,
                 recounted: bool = False) -> list[Path]:
-    from .report import write_csv
+    from .schema import write_csv
 
     folder.mkdir(parents=True, exist_ok=True)
     write_csv(rows_of(results), folder / "model.csv")
@@ -650,7 +650,7 @@ def write_model(results: list[dict], folder: Path, command: str, seconds: float,
 
 def predictions(folder: Path) -> dict[tuple[str, str, int, str], tuple[float, str]]:
     """(variant, device, d, dtype) -> (predicted seconds per entry, limiting unit) from a written ``model.csv``."""
-    from .report import read_csv
+    from .schema import read_csv
 
     out = {}
     for row in read_csv(folder / "model.csv"):
