@@ -292,7 +292,8 @@ def apply_backward_kernel(
     With dz_pm = P_pm (g_p . x_m - Delta_p) it accumulates over the rows whose windows reach the tile (found by
     bisection of the windows, which move right with p: R_p >= the tile's first column, L_p <= its last):
     DX[b, m] = sum_p P_pm g_p, U[b, m] = sum_p (c_p - cnt_m) dz_pm with c_p = 2p - n + 1 (small near the peak,
-    which avoids cancelling two sums of size n r_m), R[b, m] = sum_p dz_pm and, if NEED_TAU, TAU_TERMS[b, m] = sum_p dz_pm D_p(m) (dL/dtau is their total over tau^2: the logits are
+    which avoids cancelling two sums of size n r_m), R[b, m] = sum_p dz_pm and, if NEED_TAU,
+    TAU_TERMS[b, m] = sum_p dz_pm D_p(m) (dL/dtau is their total over tau^2: the logits are
     -D / tau), from the drops the tile computes anyway.
     CNT, NORM, DELTA, U, R, TAU_TERMS: (B, n) float64 by sorted position; X, DX (B, n, d) by input item
     (DX[b, ORDER[m]]), G (B, n, d) by output row. ``steps``: bit_length(n) + 1.
