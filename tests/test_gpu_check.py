@@ -16,7 +16,7 @@ import torch
 
 from triton_sort import relaxed_sort_apply
 from triton_sort.bench import gpu_check
-from triton_sort.bench.report import COLUMNS
+from triton_sort.bench.schema import COLUMNS
 
 MAX_FILES = 8
 

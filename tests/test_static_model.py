@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from triton_sort.bench import model
-from triton_sort.bench.report import COLUMNS, read_csv
+from triton_sort.bench.schema import COLUMNS, read_csv
 from triton_sort.kernels.compile_check import all_jobs
 from triton_sort.kernels.configs import KERNEL_NAMES, gpu_heuristic_config
 

@@ -81,10 +81,13 @@ def _topk_setup_context(ctx, inputs, output):
     _scores, k, tau, descending, banded, backend = inputs
     ctx.save_for_backward(tau, *output[1:])
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
     ctx.k, ctx.descending, ctx.banded, ctx.backend = k, descending, banded, backend
 
 
 def _topk_backward(ctx, grad, *_):
+    if grad is None:
+        return (None,) * 6
     # For a cotangent w, w . topk = u^T P_hat w: the output of relaxed_sort_apply(scores, x = w) contracted with
     # u. Its gradients are that op's backward with output cotangent u, so reuse the apply backward verbatim.
     tau, norm, *terms = ctx.saved_tensors

@@ -1,0 +1,80 @@
+"""Per-call overhead, held by counting (deterministic, so tests may hold it): device operations (kernel-launching
+torch operations plus Triton launches) and host synchronisations of a forward + backward, and the PyTorch path's
+one-shot and chunked evaluations agreeing where one hands over to the other."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import triton_sort
+from triton_sort import _backends, relaxed_sort_apply, relaxed_sort_matrix, relaxed_topk
+from triton_sort.bench.counting import counting
+
+# Targets per forward + backward (issue 10): the Triton path's launches at any n; the PyTorch path's one-shot
+# evaluation of small problems (the dense formula itself takes ~30-60 at these sizes).
+TRITON_DEVICE_OPS = 12
+TORCH_SMALL_DEVICE_OPS = 90
+
+
+def _counted_step(scores, x, backend, tau=1.0, validate=False):
+    """Counts of one forward + backward of relaxed_sort_apply alone (inputs and cotangent made outside)."""
+    s, v, grad = scores.clone().requires_grad_(), x.clone().requires_grad_(), torch.ones_like(x)
+    with triton_sort.validation(validate), counting() as counts:
+        relaxed_sort_apply(s, v, tau, backend=backend).backward(grad)
+    return counts
+
+
+@pytest.fixture
+def kernels_not_run(monkeypatch):
+    """Count the Triton path's launches without running them (the interpreter's own tensor copies would be
+    counted as device operations): every launch becomes a no-op, so the outputs are garbage and only counted."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *args, **kwargs: None)
+
+
+@pytest.mark.parametrize(("batch", "n", "d"), [(1, 8, 1), (256, 8, 1), (64, 100, 16), (16, 1000, 1), (1, 65536, 1)])
+def test_triton_path_launches_and_syncs(kernels_not_run, batch, n, d):
+    scores, x = torch.randn(batch, n), torch.randn(batch, n, d)
+    counts = _counted_step(scores, x, "triton")
+    assert counts.host_syncs == 0, counts
+    assert counts.triton_launches == 5, counts
+    assert counts.device_ops <= TRITON_DEVICE_OPS, counts
+    tau = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    counts = _counted_step(scores, x, "triton", tau)
+    assert counts.host_syncs == 0 and counts.device_ops <= TRITON_DEVICE_OPS + 3, counts  # + the tau gradient
+    counts = _counted_step(scores, x, "triton", validate=True)  # one read-back for all the data checks
+    assert counts.host_syncs == 1, counts
+
+
+@pytest.mark.parametrize(("batch", "n", "d"), [(1, 8, 1), (256, 8, 1), (64, 100, 1), (64, 100, 16), (16, 256, 1)])
+def test_torch_small_problems_take_a_fixed_number_of_operations(batch, n, d):
+    scores, x = torch.randn(batch, n), torch.randn(batch, n, d)
+    assert _backends.TorchBackend.dense(batch, n)
+    _counted_step(scores, x, "torch")
+    counts = _counted_step(scores, x, "torch")
+    assert counts.host_syncs == 0, counts
+    assert counts.device_ops <= TORCH_SMALL_DEVICE_OPS, counts
+
+
+@pytest.mark.parametrize("banded", [True, False])
+def test_torch_one_shot_and_chunked_paths_agree(monkeypatch, banded):
+    """The same inputs through both sides of DENSE_ELEMENTS: values, both gradients, the matrix and top-k."""
+    gen = torch.Generator().manual_seed(5)
+    scores = torch.randn(3, 257, generator=gen, dtype=torch.float64) * 3
+    scores[1, ::7] = scores[1, 3]  # ties
+    x = torch.randn(3, 257, 4, generator=gen, dtype=torch.float64)
+    grad = torch.randn(3, 257, 4, generator=gen, dtype=torch.float64)
+    results = []
+    for limit in (_backends.DENSE_ELEMENTS, 0):
+        monkeypatch.setattr(_backends, "DENSE_ELEMENTS", limit)
+        assert _backends.TorchBackend.dense(3, 257) == (limit > 0)
+        s, v = scores.clone().requires_grad_(), x.clone().requires_grad_()
+        tau = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+        out = relaxed_sort_apply(s, v, tau, banded=banded, backend="torch")
+        results.append((out, *torch.autograd.grad(out, (s, v, tau), grad),
+                        relaxed_sort_matrix(scores, 0.3, banded=banded, backend="torch"),
+                        relaxed_topk(scores, 5, 0.3, banded=banded, backend="torch")))
+    for one_shot, chunked in zip(*results, strict=True):
+        torch.testing.assert_close(one_shot, chunked, rtol=1e-12, atol=1e-12)
