@@ -50,8 +50,8 @@ class CompileJob:
         value = "*" + VALUE_DTYPES[self.dtype]
         f64, i64 = "*fp64", "*i64"
         if self.kernel == "prepare":
-            signature = {"SORTED": value, "TAU": f64, "T": f64, "W": f64, "COUNT": f64, "LESS": i64,
-                         "NOT_GREATER": i64, "LOWER": i64, "UPPER": i64, "n": "i32", "steps": "i32"}
+            signature = {"SORTED": value, "X": value, "d": "i32", "TAU": f64, "T": f64, "W": f64, "COUNT": f64,
+                         "LESS": i64, "NOT_GREATER": i64, "LOWER": i64, "UPPER": i64, "n": "i32", "steps": "i32"}
             return _source(prepare_kernel, signature, {"BLOCK": self.config.block_n, "BANDED": self.banded})
         if self.kernel == "finish":
             signature = {"U": f64, "R": f64, "TAU_TERMS": f64, "LESS": i64, "NOT_GREATER": i64, "ORDER": i64,

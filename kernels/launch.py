@@ -45,9 +45,10 @@ def row_block(n: int) -> int:
     return next((block for block in ROW_BLOCKS if n <= block), ROW_BLOCKS[-1])
 
 
-def prepare(sorted_scores: Tensor, tau: Tensor, banded: bool) -> dict[str, Tensor]:
+def prepare(sorted_scores: Tensor, tau: Tensor, banded: bool, values: Tensor | None = None) -> dict[str, Tensor]:
     """The sorted terms of each row from its sorted scores (B, n) (any float dtype) and tau (1,) float64:
-    t, w, count (B, n) float64; less, not_greater, lower, upper (B, n) int64."""
+    t, w, count (B, n) float64; less, not_greater, lower, upper (B, n) int64. A list with a non-finite score or
+    value (``values`` (B, n, d), contiguous) gets NaN sorted scores (``_backends.poison_lists``)."""
     batch, n = sorted_scores.shape
     f64 = {"device": sorted_scores.device, "dtype": torch.float64}
     i64 = {"device": sorted_scores.device, "dtype": torch.int64}
@@ -56,9 +57,11 @@ def prepare(sorted_scores: Tensor, tau: Tensor, banded: bool) -> dict[str, Tenso
              "not_greater": torch.empty((batch, n), **i64), "lower": torch.empty((batch, n), **i64),
              "upper": torch.empty((batch, n), **i64)}
     if batch and n:
+        d = values.shape[-1] if values is not None else 0
         prepare_kernel[(batch,)](
-            sorted_scores, tau, terms["t"], terms["w"], terms["count"], terms["less"], terms["not_greater"],
-            terms["lower"], terms["upper"], n, bisection_steps(n), BLOCK=row_block(n), BANDED=banded, num_warps=4)
+            sorted_scores, sorted_scores if values is None else values, d, tau, terms["t"], terms["w"],
+            terms["count"], terms["less"], terms["not_greater"], terms["lower"], terms["upper"], n,
+            bisection_steps(n), BLOCK=row_block(n), BANDED=banded, num_warps=4)
     return terms
 
 

@@ -373,13 +373,16 @@ def _drop_to(T, W, rows, t_p, w_p, cols):
 
 @triton.jit
 def prepare_kernel(
-    SORTED, TAU, T, W, COUNT, LESS, NOT_GREATER, LOWER, UPPER, n, steps,
+    SORTED, X, d, TAU, T, W, COUNT, LESS, NOT_GREATER, LOWER, UPPER, n, steps,
     BLOCK: tl.constexpr, BANDED: tl.constexpr,
 ):
     """The O(n log n) preparation of one batch row (``triton_sort._columns.sorted_terms``) after one torch.sort:
     float64 sorted scores minus their median T, prefix sums W_m = sum_{q<m} q (t_{q+1} - t_q), tie counts
     LESS/NOT_GREATER (scores below / not above each position) and COUNT = LESS + NOT_GREATER - n, and the windows
     [LOWER, UPPER] of D_p(m) <= (ln(n) + 30) tau by bisection (full rows unless BANDED).
+
+    A list with a non-finite score or value gets NaN sorted scores (0 * the sum of its scores and X (B, n, d), d
+    may be 0), so all its outputs and gradients are NaN, as on the PyTorch path (``_backends.poison_lists``).
 
     One program per batch row, BLOCK positions at a time. SORTED: (B, n) sorted scores (their dtype); TAU: (1,)
     float64; T, W, COUNT: (B, n) float64; LESS, NOT_GREATER, LOWER, UPPER: (B, n) int64. ``steps``:
@@ -393,7 +396,15 @@ def prepare_kernel(
     NOT_GREATER += row
     LOWER += row
     UPPER += row
-    median = tl.load(SORTED + n // 2).to(tl.float64)
+    X += row * d
+    total = tl.zeros([BLOCK], tl.float64)
+    for start in range(0, n, BLOCK):
+        m = start + tl.arange(0, BLOCK)
+        total += tl.load(SORTED + m, mask=m < n, other=0.0).to(tl.float64)
+    for start in range(0, n * d, BLOCK):
+        m = start + tl.arange(0, BLOCK)
+        total += tl.load(X + m, mask=m < n * d, other=0.0).to(tl.float64)
+    median = tl.load(SORTED + n // 2).to(tl.float64) - tl.sum(total, axis=0) * 0.0
     # Prefix sums chunk by chunk; the running total is the sum of every earlier chunk's increments.
     carried = tl.zeros([BLOCK], tl.float64)
     for start in range(0, n, BLOCK):

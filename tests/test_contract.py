@@ -227,3 +227,26 @@ def test_backward_with_zero_width_values():
     d_scores, d_x = torch.autograd.grad(out.sum(), (scores, x), allow_unused=True)
     assert out.shape == (B, N, 0) and d_x.shape == (B, N, 0)
     assert d_scores is None or (d_scores == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("n", [7, 300])  # one-shot and (PyTorch) chunked, banded paths
+@pytest.mark.parametrize(("where", "bad"), [("x", float("nan")), ("x", float("inf")), ("scores", float("nan")),
+                                            ("scores", float("-inf"))])
+def test_non_finite_inputs_poison_their_list_with_validation_off(monkeypatch, backend, n, where, bad):
+    """One rule on every path: the list with a non-finite input is NaN throughout (outputs, both gradients, the
+    matrix of a non-finite score), the other lists are untouched."""
+    from triton_sort import _backends
+
+    if n == 300:
+        monkeypatch.setattr(_backends, "DENSE_ELEMENTS", 0)  # the chunked, windowed PyTorch path
+    scores, x = torch.randn(3, n), torch.randn(3, n, 2)
+    (scores if where == "scores" else x)[1, n // 3] = bad
+    scores, x = scores.requires_grad_(), x.requires_grad_()
+    with triton_sort.validation(False):
+        out = relaxed_sort_apply(scores, x, 0.5, backend=backend)
+        out.backward(torch.ones_like(out))
+        matrix = relaxed_sort_matrix(scores.detach(), 0.5, backend=backend)
+    for tensor in (out, scores.grad, x.grad, *([matrix] if where == "scores" else [])):  # the matrix sees no x
+        assert tensor[1].isnan().all()
+        assert tensor[[0, 2]].isfinite().all()

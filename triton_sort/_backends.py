@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ._columns import SortedTerms, band_threshold, output_rows, positions, signed_sum, sorted_terms
+from ._validation import validation_enabled
 
 # Elements of one (B, rows, window) temporary of the PyTorch path; about six of them (float64 ones included)
 # are alive at once, so a chunk costs at most ~15 MiB whatever n is (the extra memory stays far below the dense
@@ -172,6 +173,18 @@ def signed_sum_gradient(terms: SortedTerms, u: Tensor, r: Tensor, tau: Tensor, d
     return from_sorted((u - signed_sum(terms, r)).div_(tau), terms.order).to(dtype)
 
 
+def poison_lists(t: Tensor, values: Tensor | None) -> Tensor:
+    """0 per list, NaN for a list with a non-finite score or value: (B,) float64 from t (B, n) and values (B, n, d).
+
+    Added to the sorted scores ``t`` when validation is off, it makes every drop, output and gradient of such a list
+    NaN, on every path alike (the Triton ``prepare`` kernel does the same), instead of NaN reaching whichever rows
+    a path's windows or tiles happen to mix it into."""
+    total = t.sum(-1)
+    if values is not None:
+        total = total + values.sum((1, 2), dtype=torch.float64)
+    return total.mul_(0)
+
+
 class TorchBackend:
     """PyTorch path: small problems in one go (``DENSE_ELEMENTS``), larger ones row-chunked in O(B * n * d + chunk)
     memory with no autograd graph over the temporaries. Each row of a chunk gathers exactly its own window, so the
@@ -187,8 +200,11 @@ class TorchBackend:
         """Whether ``prepare`` computes the rows' windows (the chunked path) or leaves them empty (dense)."""
         return not self.dense(batch, n)
 
-    def prepare(self, scores: Tensor, tau: Tensor, banded: bool) -> SortedTerms:
-        return sorted_terms(scores, tau, banded, windows=not self.dense(*scores.shape))
+    def prepare(self, scores: Tensor, tau: Tensor, banded: bool, values: Tensor | None = None) -> SortedTerms:
+        terms = sorted_terms(scores, tau, banded, windows=not self.dense(*scores.shape))
+        if not validation_enabled():  # unchecked inputs: the one rule for non-finite values (see poison_lists)
+            terms.t.add_(poison_lists(terms.t, values)[:, None])
+        return terms
 
     @staticmethod
     def _chunks(terms: SortedTerms, tau: Tensor, d: int):
@@ -303,11 +319,13 @@ class TritonBackend:
     def has_windows(batch: int, n: int) -> bool:
         return True
 
-    def prepare(self, scores: Tensor, tau: Tensor, banded: bool) -> SortedTerms:
+    def prepare(self, scores: Tensor, tau: Tensor, banded: bool, values: Tensor | None = None) -> SortedTerms:
+        """Always folds ``poison_lists`` into t (in the kernel, for free)."""
         from .kernels import launch
 
-        values, order = torch.sort(scores.detach(), dim=-1, stable=True)
-        return SortedTerms(order=order, **launch.prepare(values, tau.reshape(1), banded))
+        sorted_scores, order = torch.sort(scores.detach(), dim=-1, stable=True)
+        x = values.detach().contiguous() if values is not None else None
+        return SortedTerms(order=order, **launch.prepare(sorted_scores, tau.reshape(1), banded, x))
 
     @staticmethod
     def _windowed(terms: SortedTerms) -> dict[str, Tensor]:

@@ -20,7 +20,7 @@ import functools
 import torch
 from torch import Tensor
 
-from ._backends import BACKENDS, rows_to_output, signed_sum_gradient
+from ._backends import BACKENDS, poison_lists, rows_to_output, signed_sum_gradient
 from ._columns import SortedTerms, positions
 from ._validation import validation_enabled
 
@@ -177,7 +177,7 @@ def sort_apply(scores: Tensor, x: Tensor, tau: Tensor, descending: bool, hard: b
     norm = the row sums in sorted order (float64); the terms (``TERM_FIELDS``) for the backward."""
     validate_data(scores, x, tau)
     impl = BACKENDS[backend]
-    terms = impl.prepare(scores, tau, banded)
+    terms = impl.prepare(scores, tau, banded, x)
     out, norm = impl.apply_forward(terms, x, tau, descending, banded)
     if hard:
         out = torch.gather(x, 1, hard_order(scores, descending)[..., None].expand_as(x))
@@ -259,6 +259,8 @@ def sort_matrix(scores: Tensor, tau: Tensor, descending: bool, hard: bool, bande
             -1, order[..., None], 1.0)
     else:
         out = impl.matrix_forward(terms, tau, descending, banded, scores.dtype)
+        if not validation_enabled():  # a NaN-poisoned list (``poison_lists``) is NaN outside its windows too
+            out = out + poison_lists(terms.t, None)[:, None, None].to(out.dtype)
     return (out, *terms.tensors())
 
 
