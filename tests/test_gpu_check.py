@@ -97,7 +97,8 @@ def test_launch_counter_counts_each_kernel_launch():
     x = torch.randn(2, 9, 3, requires_grad=True)
     with gpu_check.LaunchCounter() as counter:
         relaxed_sort_apply(scores, x, 1.0, backend="triton").sum().backward()
-    assert counter.counts == {"apply_forward_kernel": 1, "apply_delta_kernel": 1, "apply_backward_kernel": 1}
+    assert counter.counts == {"prepare_kernel": 1, "apply_forward_kernel": 1, "apply_delta_kernel": 1,
+                              "apply_backward_kernel": 1, "finish_kernel": 1}
     with gpu_check.LaunchCounter() as counter:
         relaxed_sort_apply(scores, x, 1.0, backend="torch")
     assert counter.counts == {}

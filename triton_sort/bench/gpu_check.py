@@ -389,7 +389,7 @@ def step_environment(work: Path, dry: bool) -> dict:
     import torch
 
     from .memory import machine_name
-    from .report import commit
+    from .schema import commit
 
     env = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
            "torch_cuda": torch.version.cuda, "cpu_count": os.cpu_count(), "commit": commit() or "unknown",

@@ -416,10 +416,12 @@ def run_model(items: list, workers: int | None = None) -> list[dict]:
 
 
 def variant_name(result: dict) -> str:
-    """One row's kernel and launch configuration, e.g. 'apply_forward/m64n32w8s2' (+ '/multi_d' for d chunks)."""
+    """One row's kernel and launch configuration, e.g. 'apply_forward/m64n32w8s2', + '/multi_d' for d chunks,
+    '/tau' for the tau-gradient variant (apply_backward, finish), '/full' for prepare without bands."""
     name = (f"{result['kernel']}/m{result['block_m']}n{result['block_n']}w{result['num_warps']}"
             f"s{result['num_stages']}")
-    return name + ("" if result.get("single_d_chunk", True) else "/multi_d")
+    return (name + ("" if result.get("single_d_chunk", True) else "/multi_d")
+            + ("/tau" if result.get("need_tau", False) else "") + ("" if result.get("banded", True) else "/full"))
 
 
 def rows_of(results: list[dict]) -> list[dict]:
@@ -465,7 +467,7 @@ def entry_of(result: dict) -> dict[str, float]:
     return result["entry"] if "entry" in result else per_entry(result["counts"], _config(result))
 
 
-_VARIANT = re.compile(r"^(\w+)/m(\d+)n(\d+)w(\d+)s(\d+)(/multi_d)?$")
+_VARIANT = re.compile(r"^(\w+)/m(\d+)n(\d+)w(\d+)s(\d+)(/multi_d)?(/tau)?(/full)?$")
 
 
 def results_from_csv(path: Path) -> list[dict]:
@@ -478,11 +480,12 @@ def results_from_csv(path: Path) -> list[dict]:
         match = _VARIANT.match(row["variant"])
         if not match or not row["device"].startswith("sm"):
             continue
-        kernel, bm, bn, warps, stages, multi = match.groups()
+        kernel, bm, bn, warps, stages, multi, tau, full = match.groups()
         key = (row["variant"], row["d"], row["dtype"], row["device"])
         result = results.setdefault(key, {
             "kernel": kernel, "block_m": int(bm), "block_n": int(bn), "num_warps": int(warps),
             "num_stages": int(stages), "block_d": int(row["d"]), "dtype": row["dtype"], "single_d_chunk": not multi,
+            "need_tau": bool(tau), "banded": not full,
             "arch": int(row["device"][2:]), "origin": row["note"].removeprefix("from "), "entry": {}})
         if row["metric"] == "compile" and row["status"] == "failed":
             result["error"] = row["note"]
