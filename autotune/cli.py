@@ -13,26 +13,16 @@ import sys
 
 import torch
 
+from ..bench.schema import positive_int
 from ..kernels.configs import KERNEL_NAMES
 
 GPU_DEFAULTS = {"n": [256, 1024, 4096, 16384, 65536], "d": [1, 16, 64, 128], "dtype": ["fp32", "fp16", "bf16"]}
 INTERPRETER_DEFAULTS = {"n": [32], "d": [1], "dtype": ["fp32"]}
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an int >= 1 (empty launches must not be tuned into the cache)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="triton-sort autotune", description=__doc__.splitlines()[0])
-    positive = _positive_int
+    positive = positive_int
     parser.add_argument("--n", type=positive, nargs="+", help="list lengths to tune for (each tunes its power-of-two "
                         f"bucket; default {GPU_DEFAULTS['n']}, interpreter {INTERPRETER_DEFAULTS['n']})")
     parser.add_argument("--d", type=positive, nargs="+", help=f"value widths (default {GPU_DEFAULTS['d']})")

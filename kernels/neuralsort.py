@@ -267,17 +267,19 @@ def apply_delta_kernel(
 
 
 @triton.jit
-def _first_at_least(VALUES, target, n, steps):
-    """Smallest index i in [0, n] with VALUES[i] >= target (VALUES non-decreasing, n if none): a scalar bisection
-    of ``steps`` >= bit_length(n) + 1 rounds."""
-    lo = 0
-    hi = n
+def _first_reaching(VALUES, target, lo, hi, n, steps, STRICT: tl.constexpr):
+    """Smallest index i in [lo, hi] with VALUES[i] >= target (> target if STRICT), hi if none, for non-decreasing
+    VALUES: a bisection of ``steps`` >= bit_length(n) + 1 rounds. Scalars or blocks alike (lo, hi, target)."""
     for _ in range(steps):
         mid = (lo + hi) // 2
-        below = tl.load(VALUES + tl.minimum(mid, n - 1)) < target
+        value = tl.load(VALUES + tl.minimum(mid, n - 1))
+        if STRICT:
+            before = value <= target
+        else:
+            before = value < target
         active = lo < hi
-        lo = tl.where(active & below, mid + 1, lo)
-        hi = tl.where(active & ~below, mid, hi)
+        lo = tl.where(active & before, mid + 1, lo)
+        hi = tl.where(active & ~before, mid, hi)
     return lo
 
 
@@ -323,8 +325,8 @@ def apply_backward_kernel(
     items = tl.load(ORDER + cols_c)
     x_own = tl.load(X + items[:, None] * d + own_dims[None, :],
                     mask=col_mask[:, None] & own_dim_mask[None, :], other=0.0).to(tl.float32)
-    row_start = _first_at_least(UPPER, anchor, n, steps)
-    row_end = _first_at_least(LOWER, tl.minimum(anchor + BLOCK_N - 1, n - 1) + 1, n, steps)
+    row_start = _first_reaching(UPPER, anchor, 0, n, n, steps, False)
+    row_end = _first_reaching(LOWER, tl.minimum(anchor + BLOCK_N - 1, n - 1), 0, n, n, steps, True)
 
     # dz and the column sums are float64: where P is nearly a permutation g_p . x_m - Delta_p is a small
     # difference, and d_scores sums rows whose contributions largely cancel.
@@ -426,21 +428,10 @@ def prepare_kernel(
         t_p = tl.load(T + p)
         w_p = tl.load(W + p)
         # Tie counts: first positions with T >= t_p and with T > t_p.
-        lo_less = tl.zeros([BLOCK], tl.int64)
-        hi_less = tl.zeros([BLOCK], tl.int64) + n
-        lo_greater = tl.zeros([BLOCK], tl.int64)
-        hi_greater = tl.zeros([BLOCK], tl.int64) + n
-        for _ in range(steps):
-            mid = (lo_less + hi_less) // 2
-            below = tl.load(T + tl.minimum(mid, n - 1)) < t_p
-            active = lo_less < hi_less
-            lo_less = tl.where(active & below, mid + 1, lo_less)
-            hi_less = tl.where(active & ~below, mid, hi_less)
-            mid = (lo_greater + hi_greater) // 2
-            not_above = tl.load(T + tl.minimum(mid, n - 1)) <= t_p
-            active = lo_greater < hi_greater
-            lo_greater = tl.where(active & not_above, mid + 1, lo_greater)
-            hi_greater = tl.where(active & ~not_above, mid, hi_greater)
+        first = tl.zeros([BLOCK], tl.int64)
+        last = tl.zeros([BLOCK], tl.int64) + n
+        lo_less = _first_reaching(T, t_p, first, last, n, steps, False)
+        lo_greater = _first_reaching(T, t_p, first, last, n, steps, True)
         tl.store(LESS + p, lo_less, mask=mask)
         tl.store(NOT_GREATER + p, lo_greater, mask=mask)
         tl.store(COUNT + p, (lo_less + lo_greater - n).to(tl.float64), mask=mask)

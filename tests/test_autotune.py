@@ -209,10 +209,10 @@ def test_show_reports_malformed_entries_instead_of_crashing(isolated_cache, caps
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--n", "0"], "argument --n: expected a positive integer, got 0"),
-    (["--d", "0"], "argument --d: expected a positive integer, got 0"),
-    (["--n", "64", "--d", "-3"], "argument --d: expected a positive integer, got -3"),
-    (["--n", "abc"], "argument --n: expected a positive integer, got 'abc'"),
+    (["--n", "0"], "argument --n: expected an integer >= 1, got 0"),
+    (["--d", "0"], "argument --d: expected an integer >= 1, got 0"),
+    (["--n", "64", "--d", "-3"], "argument --d: expected an integer >= 1, got -3"),
+    (["--n", "abc"], "argument --n: expected an integer >= 1, got 'abc'"),
     (["--reps", "0"], "argument --reps"),
     (["--batch", "-1"], "argument --batch"),
     (["--kernel", "apply_sideways"], "argument --kernel: invalid choice: 'apply_sideways'"),
