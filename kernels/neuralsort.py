@@ -325,8 +325,11 @@ def apply_backward_kernel(
     items = tl.load(ORDER + cols_c)
     x_own = tl.load(X + items[:, None] * d + own_dims[None, :],
                     mask=col_mask[:, None] & own_dim_mask[None, :], other=0.0).to(tl.float32)
-    row_start = _first_reaching(UPPER, anchor, 0, n, n, steps, False)
-    row_end = _first_reaching(LOWER, tl.minimum(anchor + BLOCK_N - 1, n - 1), 0, n, n, steps, True)
+    # Typed (int64 tensor) bounds: a loop-carried Python constant may not turn into a tensor (Triton 3.6).
+    first_row = anchor * 0
+    row_start = _first_reaching(UPPER, anchor, first_row, first_row + n, n, steps, False)
+    row_end = _first_reaching(LOWER, tl.minimum(anchor + BLOCK_N - 1, n - 1), first_row, first_row + n, n, steps,
+                              True)
 
     # dz and the column sums are float64: where P is nearly a permutation g_p . x_m - Delta_p is a small
     # difference, and d_scores sums rows whose contributions largely cancel.
