@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-LOG2_E = 1.4426950408889634
 # Drops beyond ln(n) + BAND_MARGIN (in units of tau) are left out: their total weight is below e^-BAND_MARGIN.
 BAND_MARGIN = 30.0
 

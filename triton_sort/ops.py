@@ -15,6 +15,7 @@ setup/backward functions as the ops' ``register_autograd``: PyTorch's generated 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -24,7 +25,7 @@ from ._backends import BACKENDS, poison_lists, rows_to_output, signed_sum_gradie
 from ._columns import SortedTerms, positions
 from ._validation import validation_enabled
 
-TERM_FIELDS = ("order", "t", "w", "count", "less", "not_greater", "lower", "upper")
+TERM_FIELDS = tuple(field.name for field in dataclasses.fields(SortedTerms))
 _INDEX_FIELDS = ("order", "less", "not_greater", "lower", "upper")
 
 
@@ -53,10 +54,6 @@ def validate_data(scores: Tensor, x: Tensor | None, tau: Tensor | None) -> None:
                          "this check; see its docstring for what non-finite values do then)")
     if tau is not None and not bool((tau > 0) & torch.isfinite(tau) & torch.isfinite(tau.reciprocal())):
         raise ValueError(f"tau must be finite and > 0 with a finite inverse, got {float(tau)}")
-
-
-def _check_finite_scores(scores: Tensor) -> None:
-    validate_data(scores, None, None)
 
 
 def without_autocast(fn):
