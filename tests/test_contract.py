@@ -56,25 +56,21 @@ def test_gradcheck_scores_and_tensor_tau(name):
     assert torch.autograd.gradcheck(lambda s, t: ours(s, t), (scores, tau))
 
 
+# backend -> (scores dtype, rtol, atol of the tau gradient against the float64 dense formula)
+TAU_GRADIENT_CASES = {"torch": (F64, 1e-10, 1e-12), "triton": (torch.float32, 1e-5, 1e-6)}
+
+
+@pytest.mark.parametrize("backend", list(TAU_GRADIENT_CASES))
 @pytest.mark.parametrize("name", [n for n in NAMES if n != "relaxed_quantile"])
-def test_tau_gradient_matches_the_dense_formula(name):
+def test_tau_gradient_matches_the_dense_formula(name, backend):
+    """Both backends; on Triton the kernels' NEED_TAU variant of the column pass (the interpreter on CPU)."""
     ours, dense = FUNCTIONS[name]
+    dtype, rtol, atol = TAU_GRADIENT_CASES[backend]
     scores, tau = _scores(), _tau(0.35).requires_grad_()
     grad_out = torch.randn_like(dense(scores, tau))
     (expected,) = torch.autograd.grad(dense(scores, tau), tau, grad_out)
-    (actual,) = torch.autograd.grad(ours(scores, tau), tau, grad_out)
-    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("name", [n for n in NAMES if n != "relaxed_quantile"])
-def test_triton_kernels_tau_gradient(name):
-    """The kernels' tau gradient (the column pass's NEED_TAU variant, the interpreter on CPU) against float64."""
-    ours, dense = FUNCTIONS[name]
-    scores, tau = _scores(), _tau(0.35).requires_grad_()
-    grad_out = torch.randn_like(dense(scores, tau))
-    (expected,) = torch.autograd.grad(dense(scores, tau), tau, grad_out)
-    (actual,) = torch.autograd.grad(ours(scores.float(), tau, "triton"), tau, grad_out.float())
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    (actual,) = torch.autograd.grad(ours(scores.to(dtype), tau, backend), tau, grad_out.to(dtype))
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -153,13 +153,18 @@ def rows_to_output(values: Tensor, descending: bool) -> Tensor:
 DENSE_ELEMENTS = 1 << 22
 
 
+def dense_drops(t: Tensor, w: Tensor) -> Tensor:
+    """D_p(m) = (2p - 1)(t_p - t_m) - 2 (W_p - W_m) for every (p, m): (B, n, n) float64 from t, w (B, n)."""
+    drop = (t[:, :, None] - t[:, None, :]).mul_(positions(t.shape[-1], t.device, 2, -1)[:, None])
+    return drop.sub_((w[:, :, None] - w[:, None, :]).mul_(2))
+
+
 def _dense_weights(terms: SortedTerms, tau: Tensor, banded: bool, dtype: torch.dtype,
                    keep_drop: bool = False) -> tuple[Tensor, Tensor | None]:
     """exp(-D_p(m) / tau) for every (p, m), (B, n, n) of ``dtype`` (0 past the band's threshold when ``banded``,
     exactly like the windows of the chunked path), and the float64 drops if ``keep_drop``."""
-    t, w, n = terms.t, terms.w, terms.n
-    drop = (t[:, :, None] - t[:, None, :]).mul_(positions(n, t.device, 2, -1)[:, None])
-    drop.sub_((w[:, :, None] - w[:, None, :]).mul_(2))
+    n = terms.n
+    drop = dense_drops(terms.t, terms.w)
     outside = drop > band_threshold(n) * tau if banded else None
     logits = drop.div(tau) if keep_drop else drop.div_(tau)
     logits.neg_()

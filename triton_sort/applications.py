@@ -37,6 +37,7 @@ from .ops import (
     autograd_function,
     once_differentiable,
     register_batch_vmap,
+    save_with_terms,
     sort_apply_backward,
     tau_gradient,
     validate_data,
@@ -79,9 +80,7 @@ def _(scores, k, tau, descending, banded, backend):
 
 def _topk_setup_context(ctx, inputs, output):
     _scores, k, tau, descending, banded, backend = inputs
-    ctx.save_for_backward(tau, *output[1:])
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.set_materialize_grads(False)
+    save_with_terms(ctx, (tau,), output[1:])
     ctx.k, ctx.descending, ctx.banded, ctx.backend = k, descending, banded, backend
 
 

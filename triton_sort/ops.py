@@ -21,7 +21,7 @@ import functools
 import torch
 from torch import Tensor
 
-from ._backends import BACKENDS, poison_lists, rows_to_output, signed_sum_gradient
+from ._backends import BACKENDS, dense_drops, poison_lists, rows_to_output, signed_sum_gradient
 from ._columns import SortedTerms, positions
 from ._validation import validation_enabled
 
@@ -215,6 +215,14 @@ def _(x, grad, norm, tau, order, t, w, count, less, not_greater, lower, upper, d
     return (x.new_empty((batch, n)), torch.empty_like(x), norm.new_empty((batch,) if need_tau else (batch, 0)))
 
 
+def save_with_terms(ctx, tensors: tuple, terms: tuple) -> None:
+    """Save ``tensors`` and the forward's extra outputs ``terms`` (row sums, sorted terms) for the backward; those
+    get no gradient, and none is materialised for them (nine zero fills per call otherwise)."""
+    ctx.save_for_backward(*tensors, *terms)
+    ctx.mark_non_differentiable(*terms)
+    ctx.set_materialize_grads(False)
+
+
 def tau_gradient(tau: Tensor, tau_terms: Tensor) -> Tensor:
     """dL/dtau = sum_pm dz_pm D_p(m) / tau^2 (the logits are -D / tau) from the per-row terms (..., B)."""
     return tau_terms.sum() / (tau * tau)
@@ -222,9 +230,7 @@ def tau_gradient(tau: Tensor, tau_terms: Tensor) -> Tensor:
 
 def _apply_setup_context(ctx, inputs, output):
     _scores, x, tau, descending, _, banded, backend = inputs
-    ctx.save_for_backward(x, tau, *output[1:])
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.set_materialize_grads(False)  # no zero cotangents for the saved terms: nine fills per call otherwise
+    save_with_terms(ctx, (x, tau), output[1:])
     ctx.descending, ctx.banded, ctx.backend = descending, banded, backend
 
 
@@ -293,9 +299,7 @@ def sort_matrix_backward(grad: Tensor, soft: Tensor, tau: Tensor, order: Tensor,
     d_scores = signed_sum_gradient(terms, u, dz.sum(1), tau, soft.dtype)
     if not need_tau:
         return d_scores, t.new_empty((t.shape[0], 0))
-    drop = (t[:, :, None] - t[:, None, :]).mul_(positions(n, t.device, 2, -1)[:, None])
-    drop.sub_((w[:, :, None] - w[:, None, :]).mul_(2))
-    return d_scores, (dz * drop).sum((1, 2))
+    return d_scores, (dz * dense_drops(t, w)).sum((1, 2))
 
 
 @sort_matrix_backward.register_fake
@@ -307,9 +311,7 @@ def _(grad, soft, tau, order, t, w, count, less, not_greater, descending, need_t
 def _matrix_setup_context(ctx, inputs, output):
     scores, tau, descending, hard, banded, backend = inputs
     # The hard forward is a permutation: the relaxed matrix is recomputed for the straight-through gradient.
-    ctx.save_for_backward(scores, tau, None if hard else output[0], *output[1:])
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.set_materialize_grads(False)
+    save_with_terms(ctx, (scores, tau, None if hard else output[0]), output[1:])
     ctx.descending, ctx.hard, ctx.banded, ctx.backend = descending, hard, banded, backend
 
 
