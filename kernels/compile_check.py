@@ -45,19 +45,23 @@ class CompileJob:
     single_d_chunk: bool = True
     need_tau: bool = False  # apply_backward and finish: the variant that also accumulates the tau gradient
     banded: bool = True  # prepare: windows by bisection, or full rows
+    masked: bool = False  # prepare: padded lists (lengths given)
+    transposed: bool = False  # apply_backward: the column pass alone, P_hat^T @ v
 
     def source(self) -> ASTSource:
         value = "*" + VALUE_DTYPES[self.dtype]
         f64, i64 = "*fp64", "*i64"
         if self.kernel == "prepare":
-            signature = {"SORTED": value, "X": value, "d": "i32", "TAU": f64, "T": f64, "W": f64, "COUNT": f64,
-                         "LESS": i64, "NOT_GREATER": i64, "LOWER": i64, "UPPER": i64, "n": "i32", "steps": "i32"}
-            return _source(prepare_kernel, signature, {"BLOCK": self.config.block_n, "BANDED": self.banded})
+            signature = {"SORTED": value, "ORDER": i64, "X": value, "d": "i32", "TAU": f64, "LENGTH": i64, "T": f64,
+                         "W": f64, "COUNT": f64, "LESS": i64, "NOT_GREATER": i64, "LOWER": i64, "UPPER": i64,
+                         "n": "i32", "steps": "i32"}
+            return _source(prepare_kernel, signature, {"BLOCK": self.config.block_n, "BANDED": self.banded,
+                                                       "MASKED": self.masked})
         if self.kernel == "finish":
             signature = {"U": f64, "R": f64, "TAU_TERMS": f64, "LESS": i64, "NOT_GREATER": i64, "ORDER": i64,
                          "PREFIX": f64, "TAU": f64, "DS": value, "TAU_ROWS": f64, "n": "i32"}
             return _source(finish_kernel, signature, {"BLOCK": self.config.block_n, "NEED_TAU": self.need_tau})
-        sorted_terms = {"T": f64, "W": f64, "LOWER": i64, "UPPER": i64, "ORDER": i64}
+        sorted_terms = {"T": f64, "W": f64, "LOWER": i64, "UPPER": i64, "LENGTH": i64, "ORDER": i64}
         tiles = {"BLOCK_M": self.config.block_m, "BLOCK_N": self.config.block_n}
         if self.kernel == "matrix_forward":
             signature = {**sorted_terms, "P": value, "n": "i32", "TAU": f64, "descending": "i32"}
@@ -75,12 +79,13 @@ class CompileJob:
         signature = {**sorted_terms, "CNT": f64, "X": value, "G": value, "NORM": f64, "DELTA": f64, "DX": value,
                      "U": f64, "R": f64, "TAU_TERMS": f64, "n": "i32", "d": "i32", "steps": "i32", "TAU": f64,
                      "descending": "i32"}
-        return _source(apply_backward_kernel, signature, {**constants, "NEED_TAU": self.need_tau})
+        return _source(apply_backward_kernel, signature, {**constants, "NEED_TAU": self.need_tau,
+                                                          "TRANSPOSED": self.transposed})
 
     def describe(self) -> dict:
         return {"kernel": self.kernel, **self.config.as_dict(), "block_d": self.block_d,
                 "dtype": VALUE_DTYPES[self.dtype], "single_d_chunk": self.single_d_chunk, "need_tau": self.need_tau,
-                "banded": self.banded}
+                "banded": self.banded, "masked": self.masked, "transposed": self.transposed}
 
 
 def _source(fn, signature: dict[str, str], constants: dict) -> ASTSource:
@@ -93,12 +98,14 @@ def all_jobs() -> Iterator[CompileJob]:
         yield job
         if job.kernel == "apply_backward":
             yield dataclasses.replace(job, need_tau=True)
+            yield dataclasses.replace(job, transposed=True)
     # The one-program-per-row kernels: one BLOCK per row length bucket (``launch.row_block``), no tuning.
     for dtype in VALUE_DTYPES:
         for block in ROW_BLOCKS:
             config = KernelConfig(block_m=1, block_n=block, num_warps=4, num_stages=1)
             for flag in (False, True):
                 yield CompileJob("prepare", config, dtype, banded=flag)
+                yield CompileJob("prepare", config, dtype, banded=flag, masked=True)
                 yield CompileJob("finish", config, dtype, need_tau=flag)
 
 

@@ -44,8 +44,9 @@ def next_power_of_2(value: int) -> int:
 
 
 def block_d_for(d: int) -> int:
-    """Tile width over the value dimension: 1 for d = 1, else a power of two in [16, MAX_BLOCK_D]."""
-    if d == 1:
+    """Tile width over the value dimension: 1 for d <= 1 (d = 0: row sums only), else a power of two in
+    [16, MAX_BLOCK_D]."""
+    if d <= 1:
         return 1
     return min(max(MIN_DOT_DIM, next_power_of_2(d)), MAX_BLOCK_D)
 

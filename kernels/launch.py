@@ -2,7 +2,7 @@
 
 Sorted coordinates inside (``triton_sort/_columns.py``), the caller's coordinates outside: values ``x`` by input
 item, outputs and their gradients by output row; the kernels fold the permutations into their loads and stores, so
-a forward + backward is one ``torch.sort`` and six launches, whatever n is, with no host synchronisation.
+a forward + backward is one ``torch.sort`` and five launches, whatever n is, with no host synchronisation.
 """
 
 from __future__ import annotations
@@ -45,30 +45,36 @@ def row_block(n: int) -> int:
     return next((block for block in ROW_BLOCKS if n <= block), ROW_BLOCKS[-1])
 
 
-def prepare(sorted_scores: Tensor, tau: Tensor, banded: bool, values: Tensor | None = None) -> dict[str, Tensor]:
-    """The sorted terms of each row from its sorted scores (B, n) (any float dtype) and tau (1,) float64:
-    t, w, count (B, n) float64; less, not_greater, lower, upper (B, n) int64. A list with a non-finite score or
-    value (``values`` (B, n, d), contiguous) gets NaN sorted scores (``_backends.poison_lists``)."""
+def prepare(sorted_scores: Tensor, order: Tensor, tau: Tensor, banded: bool, values: Tensor | None = None,
+            lengths: Tensor | None = None) -> dict[str, Tensor]:
+    """The sorted terms of each row from its sorted scores (B, n) (any float dtype), their order (B, n) int64 and
+    tau (1,) float64: t, w, count (B, n) float64; less, not_greater, lower, upper (B, n) int64; length (B,) int64.
+    ``lengths``: padded lists' real items (sorted first), else every list has n. A list with a non-finite score or
+    value (``values`` (B, n, d) by input item, contiguous) gets NaN sorted scores (``_backends.poison_lists``)."""
     batch, n = sorted_scores.shape
     f64 = {"device": sorted_scores.device, "dtype": torch.float64}
     i64 = {"device": sorted_scores.device, "dtype": torch.int64}
     terms = {"t": torch.empty((batch, n), **f64), "w": torch.empty((batch, n), **f64),
              "count": torch.empty((batch, n), **f64), "less": torch.empty((batch, n), **i64),
              "not_greater": torch.empty((batch, n), **i64), "lower": torch.empty((batch, n), **i64),
-             "upper": torch.empty((batch, n), **i64)}
+             "upper": torch.empty((batch, n), **i64),
+             "length": torch.empty(batch, **i64) if lengths is None else lengths}
     if batch and n:
         d = values.shape[-1] if values is not None else 0
         prepare_kernel[(batch,)](
-            sorted_scores, sorted_scores if values is None else values, d, tau, terms["t"], terms["w"],
-            terms["count"], terms["less"], terms["not_greater"], terms["lower"], terms["upper"], n,
-            bisection_steps(n), BLOCK=row_block(n), BANDED=banded, num_warps=4)
+            sorted_scores, order, sorted_scores if values is None else values, d, tau, terms["length"], terms["t"],
+            terms["w"], terms["count"], terms["less"], terms["not_greater"], terms["lower"], terms["upper"], n,
+            bisection_steps(n), BLOCK=row_block(n), BANDED=banded, MASKED=lengths is not None, num_warps=4)
+    elif lengths is None:
+        terms["length"].fill_(n)
     return terms
 
 
-def matrix_forward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, order: Tensor, tau: Tensor,
+def matrix_forward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, length: Tensor, order: Tensor, tau: Tensor,
                    descending: bool, out_dtype: torch.dtype, config: KernelConfig | None = None) -> Tensor:
     """Relaxed permutation matrices in the caller's coordinates: P[b, output row of p, order[b, m]] for the window
-    entries, 0 elsewhere. t, w: (B, n) float64 (sorted, prefix sums); lower, upper, order: (B, n) int64."""
+    entries, 0 elsewhere. t, w: (B, n) float64 (sorted, prefix sums); lower, upper, order: (B, n) int64; length:
+    (B,) int64."""
     batch, n = t.shape
     out = torch.zeros((batch, n, n), device=t.device, dtype=out_dtype)
     if batch == 0 or n == 0:
@@ -76,34 +82,35 @@ def matrix_forward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, order: Te
     cfg = config or launch_config("matrix_forward", n=n, d=1, dtype=out_dtype, device=t.device)
     grid = (triton.cdiv(n, cfg.block_m), batch)
     matrix_forward_kernel[grid](
-        t, w, lower, upper, order, out, n, tau, int(descending),
+        t, w, lower, upper, length, order, out, n, tau, int(descending),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
 
-def apply_forward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, order: Tensor, x: Tensor, tau: Tensor,
-                  descending: bool, config: KernelConfig | None = None) -> tuple[Tensor, Tensor]:
+def apply_forward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, length: Tensor, order: Tensor, x: Tensor,
+                  tau: Tensor, descending: bool, config: KernelConfig | None = None) -> tuple[Tensor, Tensor]:
     """Streaming P_hat @ x. x: (B, n, d) by input item -> (out (B, n, d) by output row, row sums (B, n) float64 by
-    sorted row)."""
+    sorted row). d = 0 gives the row sums alone."""
     batch, n, d = x.shape
     out = torch.empty_like(x)
     norm = torch.empty((batch, n), device=x.device, dtype=torch.float64)
-    if batch == 0 or n == 0 or d == 0:
+    if batch == 0 or n == 0:
         return out, norm
     block_d = block_d_for(d)
     cfg = config or launch_config("apply_forward", n=n, d=d, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(n, cfg.block_m), batch, triton.cdiv(d, block_d))
+    grid = (triton.cdiv(n, cfg.block_m), batch, max(1, triton.cdiv(d, block_d)))
     apply_forward_kernel[grid](
-        t, w, lower, upper, order, x, out, norm, n, d, tau, int(descending),
+        t, w, lower, upper, length, order, x, out, norm, n, d, tau, int(descending),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, DOT_PRECISION=dot_precision(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, norm
 
 
-def apply_delta(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, order: Tensor, x: Tensor, grad: Tensor,
-                norm: Tensor, tau: Tensor, descending: bool, config: KernelConfig | None = None) -> Tensor:
+def apply_delta(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, length: Tensor, order: Tensor, x: Tensor,
+                grad: Tensor, norm: Tensor, tau: Tensor, descending: bool, config: KernelConfig | None = None
+                ) -> Tensor:
     """Row pass of the backward: Delta_p = sum_m P_pm (g_p . x_m), (B, n) float64 by sorted row. x by input item,
     grad by output row."""
     batch, n, d = x.shape
@@ -113,16 +120,17 @@ def apply_delta(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, order: Tenso
     block_d = block_d_for(d)
     cfg = config or launch_config("apply_delta", n=n, d=d, dtype=x.dtype, device=x.device)
     apply_delta_kernel[(triton.cdiv(n, cfg.block_m), batch)](
-        t, w, lower, upper, order, x, grad, norm, delta, n, d, tau, int(descending),
+        t, w, lower, upper, length, order, x, grad, norm, delta, n, d, tau, int(descending),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, DOT_PRECISION=dot_precision(x.dtype),
         SINGLE_D_CHUNK=d <= block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return delta
 
 
-def apply_backward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, order: Tensor, count: Tensor, x: Tensor,
-                   grad: Tensor, norm: Tensor, delta: Tensor, tau: Tensor, descending: bool, need_tau: bool = False,
-                   config: KernelConfig | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+def apply_backward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, length: Tensor, order: Tensor, count: Tensor,
+                   x: Tensor, grad: Tensor, norm: Tensor, delta: Tensor, tau: Tensor, descending: bool,
+                   need_tau: bool = False, config: KernelConfig | None = None
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Column pass of the backward; norm, delta float64 by sorted row.
     Returns (dx (B, n, d) in x.dtype by input item, u (B, n) and r (B, n) float64 by sorted position, and if
     ``need_tau`` the per-column terms sum_p dz_pm D_p(m) (B, n) float64, else None)."""
@@ -137,12 +145,34 @@ def apply_backward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, order: Te
     cfg = config or launch_config("apply_backward", n=n, d=d, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, cfg.block_n), batch, triton.cdiv(d, block_d))
     apply_backward_kernel[grid](
-        t, w, lower, upper, order, count, x, grad, norm, delta, dx, u, r, tau_terms if need_tau else u, n, d,
-        bisection_steps(n), tau, int(descending),
+        t, w, lower, upper, length, order, count, x, grad, norm, delta, dx, u, r, tau_terms if need_tau else u, n,
+        d, bisection_steps(n), tau, int(descending),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, DOT_PRECISION=dot_precision(x.dtype),
-        SINGLE_D_CHUNK=d <= block_d, NEED_TAU=need_tau, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SINGLE_D_CHUNK=d <= block_d, NEED_TAU=need_tau, TRANSPOSED=False, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return dx, u, r, tau_terms
+
+
+def apply_transposed(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, length: Tensor, order: Tensor, v: Tensor,
+                     norm: Tensor, tau: Tensor, descending: bool, config: KernelConfig | None = None) -> Tensor:
+    """P_hat^T @ v: the column pass alone (``TRANSPOSED``). v: (B, n, d) by output row -> (B, n, d) by input
+    item; norm: the row sums, float64 by sorted row (``apply_forward`` with d = 0)."""
+    batch, n, d = v.shape
+    out = torch.empty_like(v)
+    if batch == 0 or n == 0 or d == 0:
+        return out.zero_()
+    block_d = block_d_for(d)
+    cfg = config or launch_config("apply_backward", n=n, d=d, dtype=v.dtype, device=v.device)
+    grid = (triton.cdiv(n, cfg.block_n), batch, triton.cdiv(d, block_d))
+    apply_backward_kernel[grid](
+        t, w, lower, upper, length, order, norm, v, v, norm, norm, out, norm, norm, norm, n, d, bisection_steps(n),
+        tau, int(descending),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, DOT_PRECISION=dot_precision(v.dtype),
+        SINGLE_D_CHUNK=d <= block_d, NEED_TAU=False, TRANSPOSED=True, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return out
 
 
 def finish(u: Tensor, r: Tensor, tau_terms: Tensor | None, less: Tensor, not_greater: Tensor, order: Tensor,

@@ -17,6 +17,11 @@ fp32 for ``exp2``: fp32 results stay exact to float64 precision at any n.
 Each row only visits the columns of its window ``[L_p, R_p]`` (``LOWER``/``UPPER``), where ``D_p <= T * tau``; the
 rest of a tile is masked. Full windows give the dense evaluation, with the same code.
 
+Padded lists: ``LENGTH[b]`` is list b's number ``m`` of real items, at sorted positions ``0..m-1`` (``n`` when
+nothing is padded). The drops do not depend on ``n``, so the kernels only bound rows and columns by ``m``: padded
+rows have empty windows ``[m, m - 1]`` and output zero (row sum 1), padded columns are never loaded (padding may
+hold NaN), descending output rows are ``m - 1 - p``, and the backward's coefficient is ``c_p = 2p - m + 1``.
+
 Offsets that can exceed 2^31 (``B * n * n``, ``B * n * d``) are int64. Tiles are computed in fp32 and accumulated
 across tiles in float64 (row sums, outputs, the backward's dz and column sums), which keeps fp32 results within
 about 1e-7 of float64 even where sums cancel. fp16/bf16 values are upcast on load (the interpreter's bf16 ``tl.dot``
@@ -62,10 +67,10 @@ def _tile_matmul(p, x, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _output_rows(rows, n, descending):
-    """Output row of sorted row p: n - 1 - p if ``descending`` (a runtime 0/1: no second compilation), else p.
-    An involution, so also its inverse."""
-    return tl.where(descending != 0, n - 1 - rows, rows)
+def _output_rows(rows, m, descending):
+    """Output row of sorted row p of a list of m real items: m - 1 - p if ``descending`` (a runtime 0/1: no second
+    compilation), else p; padded rows (p >= m) keep p. An involution, so also its inverse."""
+    return tl.where((descending != 0) & (rows < m), m - 1 - rows, rows)
 
 
 @triton.jit
@@ -75,10 +80,10 @@ def _scale(TAU):
 
 
 @triton.jit
-def _batch_row(T, W, LOWER, UPPER, pid_b, n):
-    """Pointers to one batch row's sorted scores, prefix sums and window bounds."""
+def _batch_row(T, W, LOWER, UPPER, LENGTH, pid_b, n):
+    """Pointers to one batch row's sorted scores, prefix sums and window bounds, and its number of real items."""
     offset = pid_b * n
-    return T + offset, W + offset, LOWER + offset, UPPER + offset
+    return T + offset, W + offset, LOWER + offset, UPPER + offset, tl.load(LENGTH + pid_b)
 
 
 @triton.jit
@@ -151,16 +156,17 @@ def _dot_f64(g, x, VALUE_DTYPE: tl.constexpr):
 
 @triton.jit
 def matrix_forward_kernel(
-    T, W, LOWER, UPPER, ORDER, P, n, TAU, descending,
+    T, W, LOWER, UPPER, LENGTH, ORDER, P, n, TAU, descending,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Writes the window entries of P[b, output row of p, ORDER[m]] = exp(-D_p(m)/tau) / l_p (P is pre-zeroed).
 
-    One program per (row tile, batch). T, W: (B, n) float64; LOWER, UPPER, ORDER: (B, n) int64; TAU: (1,) float64."""
+    One program per (row tile, batch). T, W: (B, n) float64; LOWER, UPPER, ORDER: (B, n) int64; LENGTH: (B,)
+    int64; TAU: (1,) float64."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
     scale = _scale(TAU)
-    T, W, LOWER, UPPER = _batch_row(T, W, LOWER, UPPER, pid_b, n)
+    T, W, LOWER, UPPER, m = _batch_row(T, W, LOWER, UPPER, LENGTH, pid_b, n)
     ORDER += pid_b * n
     P += pid_b * n * n
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -171,7 +177,8 @@ def matrix_forward_kernel(
     for start in range(col_start, col_end, BLOCK_N):
         _, _, _, p = _tile_weights(T, W, rows_c, t_p, w_p, lower, upper, start, n, scale, BLOCK_N)
         norm += tl.sum(p.to(tl.float64), axis=1)
-    out_rows = _output_rows(rows_c, n, descending)
+    norm = tl.where(rows < m, norm, 1.0)  # padded rows: empty windows, nothing stored
+    out_rows = _output_rows(rows_c, m, descending)
     for start in range(col_start, col_end, BLOCK_N):
         _, cols_c, inside, p = _tile_weights(T, W, rows_c, t_p, w_p, lower, upper, start, n, scale, BLOCK_N)
         inside = inside & row_mask[:, None]
@@ -184,19 +191,20 @@ def matrix_forward_kernel(
 
 @triton.jit
 def apply_forward_kernel(
-    T, W, LOWER, UPPER, ORDER, X, OUT, NORM, n, d, TAU, descending,
+    T, W, LOWER, UPPER, LENGTH, ORDER, X, OUT, NORM, n, d, TAU, descending,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """OUT[b, output row of p, :] = sum_m P_pm X[b, ORDER[m], :] over row p's window; NORM[b, p] = l_p in float64.
 
     X and OUT are in the caller's coordinates (input items, output rows): the permutations are folded into the
     loads and stores, so no gather or scatter runs outside. Grid (row tiles, B, d chunks). T, W: (B, n) float64;
-    LOWER, UPPER, ORDER: (B, n) int64; X, OUT: (B, n, d); TAU: (1,) float64."""
+    LOWER, UPPER, ORDER: (B, n) int64; LENGTH: (B,) int64; X, OUT: (B, n, d); TAU: (1,) float64. d = 0 computes
+    the row sums only."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
     scale = _scale(TAU)
     pid_d = tl.program_id(2).to(tl.int64)
-    T, W, LOWER, UPPER = _batch_row(T, W, LOWER, UPPER, pid_b, n)
+    T, W, LOWER, UPPER, m = _batch_row(T, W, LOWER, UPPER, LENGTH, pid_b, n)
     ORDER += pid_b * n
     X += pid_b * n * d
     OUT += pid_b * n * d
@@ -215,11 +223,12 @@ def apply_forward_kernel(
         cols, cols_c, _, p = _tile_weights(T, W, rows_c, t_p, w_p, lower, upper, start, n, scale, BLOCK_N)
         norm += tl.sum(p.to(tl.float64), axis=1)
         items = tl.load(ORDER + cols_c)
-        x = tl.load(X + items[:, None] * d + dims[None, :], mask=(cols < n)[:, None] & dim_mask[None, :], other=0.0)
+        x = tl.load(X + items[:, None] * d + dims[None, :], mask=(cols < m)[:, None] & dim_mask[None, :], other=0.0)
         acc += _tile_matmul(p, x.to(tl.float32), BLOCK_D, DOT_PRECISION)
 
+    norm = tl.where(rows < m, norm, 1.0)  # padded rows: no columns, output 0, row sum 1
     acc = acc / norm[:, None]
-    out_offsets = _output_rows(rows_c, n, descending).to(tl.int64)[:, None] * d + dims[None, :]
+    out_offsets = _output_rows(rows_c, m, descending).to(tl.int64)[:, None] * d + dims[None, :]
     out_mask = row_mask[:, None] & dim_mask[None, :]
     tl.store(OUT + out_offsets, acc.to(tl.float32).to(OUT.dtype.element_ty), mask=out_mask)
     if pid_d == 0:
@@ -228,7 +237,7 @@ def apply_forward_kernel(
 
 @triton.jit
 def apply_delta_kernel(
-    T, W, LOWER, UPPER, ORDER, X, G, NORM, DELTA, n, d, TAU, descending,
+    T, W, LOWER, UPPER, LENGTH, ORDER, X, G, NORM, DELTA, n, d, TAU, descending,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SINGLE_D_CHUNK: tl.constexpr,
 ):
@@ -239,16 +248,16 @@ def apply_delta_kernel(
     pid_m = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
     scale = _scale(TAU)
-    T, W, LOWER, UPPER = _batch_row(T, W, LOWER, UPPER, pid_b, n)
+    T, W, LOWER, UPPER, m = _batch_row(T, W, LOWER, UPPER, LENGTH, pid_b, n)
     ORDER += pid_b * n
     X += pid_b * n * d
     G += pid_b * n * d
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < n
+    row_mask = rows < m  # the gradient of padded output rows is never read (it may hold anything)
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < d
     rows_c, t_p, w_p, lower, upper = _load_rows(T, W, LOWER, UPPER, rows, n)
-    g_rows = _output_rows(rows_c, n, descending)
+    g_rows = _output_rows(rows_c, m, descending)
     norm = tl.load(NORM + pid_b * n + rows_c)
     g_own = tl.load(G + g_rows.to(tl.int64)[:, None] * d + dims[None, :],
                     mask=row_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
@@ -256,14 +265,14 @@ def apply_delta_kernel(
     delta = tl.zeros([BLOCK_M], tl.float64)
     for start in range(col_start, col_end, BLOCK_N):
         cols, cols_c, _, p = _tile_weights(T, W, rows_c, t_p, w_p, lower, upper, start, n, scale, BLOCK_N)
-        col_mask = cols < n
+        col_mask = cols < m
         items = tl.load(ORDER + cols_c)
         x_own = tl.load(X + items[:, None] * d + dims[None, :],
                         mask=col_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
         gx = _g_dot_x(G, X, g_rows, row_mask, items, col_mask, g_own, x_own, d, BLOCK_M, BLOCK_N, BLOCK_D,
                       DOT_PRECISION, SINGLE_D_CHUNK)
         delta += tl.sum(p.to(tl.float64) / norm[:, None] * gx, axis=1)
-    tl.store(DELTA + pid_b * n + rows, delta, mask=row_mask)
+    tl.store(DELTA + pid_b * n + rows, delta, mask=rows < n)
 
 
 @triton.jit
@@ -285,26 +294,27 @@ def _first_reaching(VALUES, target, lo, hi, n, steps, STRICT: tl.constexpr):
 
 @triton.jit
 def apply_backward_kernel(
-    T, W, LOWER, UPPER, ORDER, CNT, X, G, NORM, DELTA, DX, U, R, TAU_TERMS, n, d, steps, TAU, descending,
+    T, W, LOWER, UPPER, LENGTH, ORDER, CNT, X, G, NORM, DELTA, DX, U, R, TAU_TERMS, n, d, steps, TAU, descending,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SINGLE_D_CHUNK: tl.constexpr, NEED_TAU: tl.constexpr,
+    SINGLE_D_CHUNK: tl.constexpr, NEED_TAU: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):
     """Column pass of the backward (as dK/dV in FlashAttention-2), one program per (column tile, B, d chunk).
 
     With dz_pm = P_pm (g_p . x_m - Delta_p) it accumulates over the rows whose windows reach the tile (found by
     bisection of the windows, which move right with p: R_p >= the tile's first column, L_p <= its last):
-    DX[b, m] = sum_p P_pm g_p, U[b, m] = sum_p (c_p - cnt_m) dz_pm with c_p = 2p - n + 1 (small near the peak,
+    DX[b, m] = sum_p P_pm g_p, U[b, m] = sum_p (c_p - cnt_m) dz_pm with c_p = 2p - m + 1 (small near the peak,
     which avoids cancelling two sums of size n r_m), R[b, m] = sum_p dz_pm and, if NEED_TAU,
     TAU_TERMS[b, m] = sum_p dz_pm D_p(m) (dL/dtau is their total over tau^2: the logits are
-    -D / tau), from the drops the tile computes anyway.
+    -D / tau), from the drops the tile computes anyway. ``TRANSPOSED``: DX = P^T G only (the product
+    ``P_hat^T @ v``; X, CNT, DELTA, U, R are not read or written).
     CNT, NORM, DELTA, U, R, TAU_TERMS: (B, n) float64 by sorted position; X, DX (B, n, d) by input item
-    (DX[b, ORDER[m]]), G (B, n, d) by output row. ``steps``: bit_length(n) + 1.
+    (DX[b, ORDER[m]]), G (B, n, d) by output row; LENGTH (B,) int64. ``steps``: bit_length(n) + 1.
     """
     pid_n = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
     scale = _scale(TAU)
     pid_d = tl.program_id(2).to(tl.int64)
-    T, W, LOWER, UPPER = _batch_row(T, W, LOWER, UPPER, pid_b, n)
+    T, W, LOWER, UPPER, m = _batch_row(T, W, LOWER, UPPER, LENGTH, pid_b, n)
     ORDER += pid_b * n
     CNT += pid_b * n
     NORM += pid_b * n
@@ -315,20 +325,22 @@ def apply_backward_kernel(
     anchor = pid_n * BLOCK_N
     cols = anchor + tl.arange(0, BLOCK_N)
     col_mask = cols < n
+    col_real = cols < m  # padded items are never loaded (they may hold anything) and get 0
     cols_c = tl.minimum(cols, n - 1)
     own_dims = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     own_dim_mask = own_dims < d
     t_b = tl.load(T + anchor)
     w_b = tl.load(W + anchor)
     offset, twice_v = _column_anchor(tl.load(T + cols_c), tl.load(W + cols_c), anchor, t_b, w_b)
-    cnt = tl.load(CNT + cols_c)
     items = tl.load(ORDER + cols_c)
-    x_own = tl.load(X + items[:, None] * d + own_dims[None, :],
-                    mask=col_mask[:, None] & own_dim_mask[None, :], other=0.0).to(tl.float32)
+    if not TRANSPOSED:
+        cnt = tl.load(CNT + cols_c)
+        x_own = tl.load(X + items[:, None] * d + own_dims[None, :],
+                        mask=col_real[:, None] & own_dim_mask[None, :], other=0.0).to(tl.float32)
     # Typed (int64 tensor) bounds: a loop-carried Python constant may not turn into a tensor (Triton 3.6).
     first_row = anchor * 0
-    row_start = _first_reaching(UPPER, anchor, first_row, first_row + n, n, steps, False)
-    row_end = _first_reaching(LOWER, tl.minimum(anchor + BLOCK_N - 1, n - 1), first_row, first_row + n, n, steps,
+    row_start = _first_reaching(UPPER, anchor, first_row, first_row + m, n, steps, False)
+    row_end = _first_reaching(LOWER, tl.minimum(anchor + BLOCK_N - 1, n - 1), first_row, first_row + m, n, steps,
                               True)
 
     # dz and the column sums are float64: where P is nearly a permutation g_p . x_m - Delta_p is a small
@@ -339,35 +351,37 @@ def apply_backward_kernel(
     tau_acc = tl.zeros([BLOCK_N], tl.float64)
     for start in range(row_start, row_end, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        row_mask = rows < n
+        row_mask = rows < m
         rows_c, t_p, w_p, lower, upper = _load_rows(T, W, LOWER, UPPER, rows, n)
         norm = tl.load(NORM + rows_c)
-        delta = tl.load(DELTA + rows_c)
         inside = (cols[None, :] >= lower[:, None]) & (cols[None, :] <= upper[:, None]) & row_mask[:, None]
         drop = _drops(rows_c, t_p, w_p, anchor, t_b, w_b, offset, twice_v)
         z = tl.where(inside, (-scale * drop).to(tl.float32), float("-inf"))
         p64 = tl.math.exp2(z).to(tl.float64) / norm[:, None]
         p = p64.to(tl.float32)
-        g_rows = _output_rows(rows_c, n, descending)
+        g_rows = _output_rows(rows_c, m, descending)
         g_own = tl.load(G + g_rows.to(tl.int64)[:, None] * d + own_dims[None, :],
                         mask=row_mask[:, None] & own_dim_mask[None, :], other=0.0).to(tl.float32)
-        gx = _g_dot_x(G, X, g_rows, row_mask, items, col_mask, g_own, x_own, d, BLOCK_M, BLOCK_N, BLOCK_D,
-                      DOT_PRECISION, SINGLE_D_CHUNK)
-        dz = p64 * (gx - delta[:, None])
-        coefficient = (2 * rows_c - n + 1).to(tl.float64)
-        u_acc += tl.sum((coefficient[:, None] - cnt[None, :]) * dz, axis=0)
-        r_acc += tl.sum(dz, axis=0)
-        if NEED_TAU:
-            tau_acc += tl.sum(tl.where(inside, dz * drop, 0.0), axis=0)
+        if not TRANSPOSED:
+            delta = tl.load(DELTA + rows_c)
+            gx = _g_dot_x(G, X, g_rows, row_mask, items, col_real, g_own, x_own, d, BLOCK_M, BLOCK_N, BLOCK_D,
+                          DOT_PRECISION, SINGLE_D_CHUNK)
+            dz = p64 * (gx - delta[:, None])
+            coefficient = (2 * rows_c - m + 1).to(tl.float64)
+            u_acc += tl.sum((coefficient[:, None] - cnt[None, :]) * dz, axis=0)
+            r_acc += tl.sum(dz, axis=0)
+            if NEED_TAU:
+                tau_acc += tl.sum(tl.where(inside, dz * drop, 0.0), axis=0)
         dx_acc += _tile_matmul(tl.trans(p), g_own, BLOCK_D, DOT_PRECISION)
 
     tl.store(DX + items[:, None] * d + own_dims[None, :],
              dx_acc.to(tl.float32).to(DX.dtype.element_ty), mask=col_mask[:, None] & own_dim_mask[None, :])
-    if pid_d == 0:
-        tl.store(U + pid_b * n + cols, u_acc, mask=col_mask)
-        tl.store(R + pid_b * n + cols, r_acc, mask=col_mask)
-        if NEED_TAU:
-            tl.store(TAU_TERMS + pid_b * n + cols, tau_acc, mask=col_mask)
+    if not TRANSPOSED:
+        if pid_d == 0:
+            tl.store(U + pid_b * n + cols, u_acc, mask=col_mask)
+            tl.store(R + pid_b * n + cols, r_acc, mask=col_mask)
+            if NEED_TAU:
+                tl.store(TAU_TERMS + pid_b * n + cols, tau_acc, mask=col_mask)
 
 
 @triton.jit
@@ -377,23 +391,43 @@ def _drop_to(T, W, rows, t_p, w_p, cols):
 
 
 @triton.jit
+def _real_sorted(SORTED, positions, m, n, median, t_last):
+    """float64 sorted scores minus the median at ``positions``; padded positions (>= m) repeat the last real one, so
+    their gaps are 0 (the padding's own values, +inf sort keys, are never used)."""
+    value = tl.load(SORTED + tl.maximum(tl.minimum(positions, n - 1), 0)).to(tl.float64) - median
+    return tl.where(positions < m, value, t_last)
+
+
+@triton.jit
 def prepare_kernel(
-    SORTED, X, d, TAU, T, W, COUNT, LESS, NOT_GREATER, LOWER, UPPER, n, steps,
-    BLOCK: tl.constexpr, BANDED: tl.constexpr,
+    SORTED, ORDER, X, d, TAU, LENGTH, T, W, COUNT, LESS, NOT_GREATER, LOWER, UPPER, n, steps,
+    BLOCK: tl.constexpr, BANDED: tl.constexpr, MASKED: tl.constexpr,
 ):
     """The O(n log n) preparation of one batch row (``triton_sort._columns.sorted_terms``) after one torch.sort:
     float64 sorted scores minus their median T, prefix sums W_m = sum_{q<m} q (t_{q+1} - t_q), tie counts
-    LESS/NOT_GREATER (scores below / not above each position) and COUNT = LESS + NOT_GREATER - n, and the windows
+    LESS/NOT_GREATER (scores below / not above each position) and COUNT = LESS + NOT_GREATER - m, and the windows
     [LOWER, UPPER] of D_p(m) <= (ln(n) + 30) tau by bisection (full rows unless BANDED).
 
-    A list with a non-finite score or value gets NaN sorted scores (0 * the sum of its scores and X (B, n, d), d
-    may be 0), so all its outputs and gradients are NaN, as on the PyTorch path (``_backends.poison_lists``).
+    ``MASKED``: LENGTH (B,) int64 holds each list's number m of real items, sorted first (padding has +inf keys);
+    padded positions get finite T, W (gaps 0), LESS = 0, NOT_GREATER = n (a zero signed sum) and empty windows
+    [m, m - 1]. Otherwise m = n and the kernel writes LENGTH.
 
-    One program per batch row, BLOCK positions at a time. SORTED: (B, n) sorted scores (their dtype); TAU: (1,)
-    float64; T, W, COUNT: (B, n) float64; LESS, NOT_GREATER, LOWER, UPPER: (B, n) int64. ``steps``:
-    bit_length(n) + 1 bisection rounds."""
-    row = tl.program_id(0).to(tl.int64) * n
+    A list with a non-finite score or value gets NaN sorted scores (0 * the sum of its real scores and values
+    X[ORDER[q]] (B, n, d), d may be 0), so all its outputs and gradients are NaN, as on the PyTorch path
+    (``_backends.poison_lists``).
+
+    One program per batch row, BLOCK positions at a time. SORTED: (B, n) sorted scores (their dtype); ORDER: (B, n)
+    int64; TAU: (1,) float64; T, W, COUNT: (B, n) float64; LESS, NOT_GREATER, LOWER, UPPER: (B, n) int64.
+    ``steps``: bit_length(n) + 1 bisection rounds."""
+    batch_row = tl.program_id(0).to(tl.int64)
+    if MASKED:
+        m = tl.load(LENGTH + batch_row)
+    else:
+        m = batch_row * 0 + n
+        tl.store(LENGTH + batch_row, m)
+    row = batch_row * n
     SORTED += row
+    ORDER += row
     T += row
     W += row
     COUNT += row
@@ -404,40 +438,47 @@ def prepare_kernel(
     X += row * d
     total = tl.zeros([BLOCK], tl.float64)
     for start in range(0, n, BLOCK):
-        m = start + tl.arange(0, BLOCK)
-        total += tl.load(SORTED + m, mask=m < n, other=0.0).to(tl.float64)
+        q = start + tl.arange(0, BLOCK)
+        total += tl.load(SORTED + q, mask=q < m, other=0.0).to(tl.float64)
     for start in range(0, n * d, BLOCK):
-        m = start + tl.arange(0, BLOCK)
-        total += tl.load(X + m, mask=m < n * d, other=0.0).to(tl.float64)
-    median = tl.load(SORTED + n // 2).to(tl.float64) - tl.sum(total, axis=0) * 0.0
+        flat = start + tl.arange(0, BLOCK)
+        q = flat // d
+        items = tl.load(ORDER + tl.minimum(q, n - 1))
+        total += tl.load(X + items * d + flat % d, mask=q < m, other=0.0).to(tl.float64)
+    poison = tl.sum(total, axis=0) * 0.0
+    median = tl.where(m > 0, tl.load(SORTED + tl.maximum(tl.minimum(m // 2, n - 1), 0)).to(tl.float64), 0.0)
+    t_last = tl.where(m > 0, tl.load(SORTED + tl.maximum(m - 1, 0)).to(tl.float64) - median, 0.0) + poison
+    median = median - poison
     # Prefix sums chunk by chunk; the running total is the sum of every earlier chunk's increments.
     carried = tl.zeros([BLOCK], tl.float64)
     for start in range(0, n, BLOCK):
-        m = start + tl.arange(0, BLOCK)
-        mask = m < n
-        t = tl.load(SORTED + m, mask=mask, other=0.0).to(tl.float64) - median
-        t_before = tl.load(SORTED + tl.maximum(m - 1, 0), mask=mask, other=0.0).to(tl.float64) - median
-        increment = tl.where(mask & (m >= 1), (m - 1).to(tl.float64) * (t - t_before), 0.0)
-        tl.store(T + m, t, mask=mask)
-        tl.store(W + m, tl.sum(carried, axis=0) + tl.cumsum(increment, axis=0), mask=mask)
+        q = start + tl.arange(0, BLOCK)
+        mask = q < n
+        t = _real_sorted(SORTED, q, m, n, median, t_last)
+        t_before = _real_sorted(SORTED, q - 1, m, n, median, t_last)
+        increment = tl.where(mask & (q >= 1), (q - 1).to(tl.float64) * (t - t_before), 0.0)
+        tl.store(T + q, t, mask=mask)
+        tl.store(W + q, tl.sum(carried, axis=0) + tl.cumsum(increment, axis=0), mask=mask)
         carried += increment
     # The second pass reads T and W at other positions than this thread wrote.
     tl.debug_barrier()
     limit = (tl.log(n.to(tl.float64)) + 30.0) * tl.load(TAU)  # _columns.band_threshold(n) * tau
+    last = tl.maximum(m - 1, 0)
     for start in range(0, n, BLOCK):
         p = start + tl.arange(0, BLOCK)
         mask = p < n
+        real = p < m
         p = tl.minimum(p, n - 1)
         t_p = tl.load(T + p)
         w_p = tl.load(W + p)
-        # Tie counts: first positions with T >= t_p and with T > t_p.
+        # Tie counts among the real items: first positions in [0, m] with T >= t_p and with T > t_p.
         first = tl.zeros([BLOCK], tl.int64)
-        last = tl.zeros([BLOCK], tl.int64) + n
-        lo_less = _first_reaching(T, t_p, first, last, n, steps, False)
-        lo_greater = _first_reaching(T, t_p, first, last, n, steps, True)
-        tl.store(LESS + p, lo_less, mask=mask)
-        tl.store(NOT_GREATER + p, lo_greater, mask=mask)
-        tl.store(COUNT + p, (lo_less + lo_greater - n).to(tl.float64), mask=mask)
+        end = first + m
+        lo_less = _first_reaching(T, t_p, first, end, n, steps, False)
+        lo_greater = _first_reaching(T, t_p, first, end, n, steps, True)
+        tl.store(LESS + p, tl.where(real, lo_less, 0), mask=mask)
+        tl.store(NOT_GREATER + p, tl.where(real, lo_greater, n), mask=mask)
+        tl.store(COUNT + p, tl.where(real, (lo_less + lo_greater - m).to(tl.float64), 0.0), mask=mask)
         if BANDED:
             # As _columns._windows: D_p decreases towards p (where it is 0) and increases after it.
             lo = tl.zeros([BLOCK], tl.int64)
@@ -447,18 +488,20 @@ def prepare_kernel(
                 inside = _drop_to(T, W, p, t_p, w_p, mid) <= limit
                 hi = tl.where(inside, mid, hi)
                 lo = tl.where(inside, lo, mid + 1)
-            tl.store(LOWER + p, hi, mask=mask)
+            lower = hi
             lo = p.to(tl.int64)
-            hi = tl.zeros([BLOCK], tl.int64) + (n - 1)
+            hi = tl.zeros([BLOCK], tl.int64) + last
             for _ in range(steps):
                 mid = (lo + hi + 1) // 2
                 inside = _drop_to(T, W, p, t_p, w_p, tl.minimum(mid, n - 1)) <= limit
                 lo = tl.where(inside, mid, lo)
                 hi = tl.where(inside, hi, mid - 1)
-            tl.store(UPPER + p, lo, mask=mask)
+            upper = lo
         else:
-            tl.store(LOWER + p, tl.zeros([BLOCK], tl.int64), mask=mask)
-            tl.store(UPPER + p, tl.zeros([BLOCK], tl.int64) + (n - 1), mask=mask)
+            lower = tl.zeros([BLOCK], tl.int64)
+            upper = tl.zeros([BLOCK], tl.int64) + last
+        tl.store(LOWER + p, tl.where(real, lower, m), mask=mask)
+        tl.store(UPPER + p, tl.where(real, upper, m - 1), mask=mask)
 
 
 @triton.jit

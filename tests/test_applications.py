@@ -81,13 +81,6 @@ def test_topk_gradcheck(shape, descending):
                                     (scores,))
 
 
-def test_topk_opcheck(backend):
-    scores = torch.randn(2, 9, dtype=working_dtype(backend), device=DEVICE, requires_grad=True)
-    tau = torch.tensor(0.5, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(torch.ops.triton_sort.topk.default, (scores, 3, tau, True, True, backend),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-
-
 def test_topk_empty_and_single():
     assert relaxed_topk(torch.zeros(0), 0, 1.0).shape == (0,)
     torch.testing.assert_close(relaxed_topk(torch.tensor([2.0]), 1, 1.0), torch.ones(1))
@@ -171,7 +164,7 @@ def test_topk_bad_inputs():
     with pytest.raises(TypeError, match="scores"):
         relaxed_topk(torch.ones(5, dtype=torch.int64), 2, 1.0)
     with pytest.raises(ValueError, match="scores must have shape"):
-        relaxed_topk(torch.randn(2, 3, 4), 2, 1.0)
+        relaxed_topk(torch.tensor(1.0), 0, 1.0)
     with pytest.raises(ValueError, match="scores must be finite"):
         relaxed_topk(torch.tensor([1.0, math.nan]), 1, 1.0)
     with pytest.raises(ValueError, match="backend"):

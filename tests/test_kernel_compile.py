@@ -33,8 +33,10 @@ def test_all_kernels_compile_for_sm80_and_sm90(tmp_path):
     assert all(r["cubin_bytes"] > 0 for r in results)
     # A (kernel, block_d, dtype, arch, variant) combination missing here would be launched uncompiled-checked:
     # 2 archs x 3 dtypes x (3 candidate configs x (matrix + 5 block_d x 3 apply kernels + multi-chunk delta and
-    # backward, + the backward's tau-gradient variant of its 5 + 1) + 3 row blocks x (prepare, finish) x 2 variants).
-    assert len(results) == 2 * 3 * (3 * (1 + 5 * 3 + 2 + 6) + 3 * 2 * 2)
+    # backward, + the backward's tau-gradient and transposed variants of its 5 + 1) + 3 row blocks x (prepare x
+    # banded x masked, finish x tau gradient)).
+    assert len(results) == 2 * 3 * (3 * (1 + 5 * 3 + 2 + 2 * 6) + 3 * (4 + 2))
+    assert any(r["transposed"] for r in results) and any(r["masked"] for r in results)
 
 
 def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(tmp_path):

@@ -20,36 +20,54 @@ def _tau(value: float = 0.5, requires_grad: bool = False) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.float64, device=DEVICE, requires_grad=requires_grad)
 
 
-@pytest.mark.parametrize(("hard", "banded"), [(False, True), (True, True), (False, False)])
-def test_opcheck_apply(backend, hard, banded):
+def _mask(batch: int, n: int) -> torch.Tensor:
+    """Padded lists with padding in random places: one full list, one with a single real item."""
+    mask = torch.rand(batch, n, generator=torch.Generator().manual_seed(3)) < 0.6
+    mask[0], mask[1] = True, False
+    mask[1, 4] = True
+    return mask.to(DEVICE)
+
+
+@pytest.mark.parametrize(("hard", "banded", "masked", "transpose"),
+                         [(False, True, False, False), (True, True, False, False), (False, False, False, False),
+                          (False, True, True, False), (True, True, True, True), (False, True, False, True),
+                          (False, True, True, True)])
+def test_opcheck_apply(backend, hard, banded, masked, transpose):
     dtype = _dtype_for(backend)
-    scores = torch.randn(2, 9, dtype=dtype, device=DEVICE, requires_grad=True)
-    x = torch.randn(2, 9, 3, dtype=dtype, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(torch.ops.triton_sort.apply.default, (scores, x, _tau(requires_grad=True), True, hard,
-                                                                 banded, backend),
+    scores = torch.randn(3, 9, dtype=dtype, device=DEVICE, requires_grad=True)
+    x = torch.randn(3, 9, 3, dtype=dtype, device=DEVICE, requires_grad=True)
+    mask = _mask(3, 9) if masked else None
+    torch.library.opcheck(torch.ops.triton_sort.apply.default, (scores, x, _tau(requires_grad=True), mask, True,
+                                                                 hard, banded, transpose, backend),
                           test_utils=OPCHECK_TESTS)
 
 
-@pytest.mark.parametrize(("hard", "banded"), [(False, True), (True, True), (False, False)])
-def test_opcheck_matrix(backend, hard, banded):
-    scores = torch.randn(2, 9, dtype=_dtype_for(backend), device=DEVICE, requires_grad=True)
-    torch.library.opcheck(torch.ops.triton_sort.matrix.default, (scores, _tau(requires_grad=True), False, hard,
-                                                                  banded, backend),
+@pytest.mark.parametrize(("hard", "banded", "masked"), [(False, True, False), (True, True, False),
+                                                        (False, False, False), (False, True, True),
+                                                        (True, True, True)])
+def test_opcheck_matrix(backend, hard, banded, masked):
+    scores = torch.randn(3, 9, dtype=_dtype_for(backend), device=DEVICE, requires_grad=True)
+    mask = _mask(3, 9) if masked else None
+    torch.library.opcheck(torch.ops.triton_sort.matrix.default, (scores, _tau(requires_grad=True), mask, False,
+                                                                  hard, banded, backend),
                           test_utils=OPCHECK_TESTS)
 
 
-@pytest.mark.parametrize("need_tau", [False, True])
-def test_opcheck_backward_ops(backend, need_tau):
+@pytest.mark.parametrize(("need_tau", "masked", "transpose"), [(False, False, False), (True, False, False),
+                                                               (True, True, False), (True, True, True)])
+def test_opcheck_backward_ops(backend, need_tau, masked, transpose):
     dtype = _dtype_for(backend)
-    scores = torch.randn(2, 9, dtype=dtype, device=DEVICE)
-    x = torch.randn(2, 9, 3, dtype=dtype, device=DEVICE)
-    out, norm, *terms = torch.ops.triton_sort.apply(scores, x, _tau(), True, False, True, backend)
+    scores = torch.randn(3, 9, dtype=dtype, device=DEVICE)
+    x = torch.randn(3, 9, 3, dtype=dtype, device=DEVICE)
+    mask = _mask(3, 9) if masked else None
+    out, norm, *terms = torch.ops.triton_sort.apply(scores, x, _tau(), mask, True, False, True, transpose, backend)
     torch.library.opcheck(torch.ops.triton_sort.apply_backward.default,
-                          (x, torch.randn_like(out), norm, _tau(), *terms, True, True, backend, need_tau),
+                          (x, torch.randn_like(out), norm, _tau(), *terms, True, True, backend, need_tau, masked,
+                           transpose),
                           test_utils=("test_schema", "test_faketensor"))
-    soft, *terms = torch.ops.triton_sort.matrix(scores, _tau(), True, False, True, backend)
+    soft, *terms = torch.ops.triton_sort.matrix(scores, _tau(), mask, True, False, True, backend)
     torch.library.opcheck(torch.ops.triton_sort.matrix_backward.default,
-                          (torch.randn_like(soft), soft, _tau(), *terms[:6], True, need_tau),
+                          (torch.randn_like(soft), soft, _tau(), *terms[:6], terms[8], True, need_tau, masked),
                           test_utils=("test_schema", "test_faketensor"))
 
 

@@ -57,10 +57,9 @@ def test_scores_must_be_a_tensor():
         relaxed_sort_apply(torch.randn(3), [1.0, 2.0, 3.0], 1.0)
 
 
-@pytest.mark.parametrize("shape", [(), (2, 3, 4)])
-def test_scores_rank(shape):
+def test_scores_rank():
     with pytest.raises(ValueError, match="scores must have shape"):
-        relaxed_sort_matrix(torch.randn(shape), 1.0)
+        relaxed_sort_matrix(torch.randn(()), 1.0)
 
 
 @pytest.mark.parametrize(("scores_shape", "x_shape"), [

@@ -2,7 +2,7 @@
 
 from . import ops  # noqa: F401  (registers the torch.ops.triton_sort custom ops)
 from ._validation import set_validation, validation, validation_enabled
-from .api import relaxed_sort_apply, relaxed_sort_matrix
+from .api import relaxed_rank, relaxed_sort, relaxed_sort_apply, relaxed_sort_matrix
 from .applications import relaxed_quantile, relaxed_topk
 from .modules import DifferentiableKNN, NeuralSort
 from .stochastic import PlackettLuce, reinforce_loss
@@ -16,6 +16,8 @@ __all__ = [
     "__version__",
     "reinforce_loss",
     "relaxed_quantile",
+    "relaxed_rank",
+    "relaxed_sort",
     "relaxed_sort_apply",
     "relaxed_sort_matrix",
     "relaxed_topk",

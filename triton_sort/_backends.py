@@ -23,7 +23,15 @@ import warnings
 import torch
 from torch import Tensor
 
-from ._columns import SortedTerms, band_threshold, output_rows, positions, signed_sum, sorted_terms
+from ._columns import (
+    SortedTerms,
+    band_threshold,
+    output_index,
+    output_rows,
+    positions,
+    signed_sum,
+    sorted_terms,
+)
 from ._validation import validation_enabled
 
 # Elements of one (B, rows, window) temporary of the PyTorch path; about six of them (float64 ones included)
@@ -73,12 +81,13 @@ def _forward_chunk(t, w, t_rows, w_rows, lower_rows, upper_rows, rows, offsets, 
                                      x.dtype)
     # The row sums are kept in float64: a row's rounding error rescales all of its dz in the backward, and
     # d_scores is a sum over rows whose contributions largely cancel.
-    norm = weights.sum(-1, dtype=torch.float64)
+    # Padded rows (empty windows) sum to 0: 1 keeps them 0 / 1; real rows sum to >= 1 (their peak weighs 1).
+    norm = weights.sum(-1, dtype=torch.float64).clamp_(min=1.0)
     return (weights[..., None] * _gather_rows(x, cols)).sum(2) / norm[..., None].to(x.dtype), norm
 
 
 def _backward_chunk(t, w, t_rows, w_rows, lower_rows, upper_rows, rows, offsets, neg_inv_tau, x, g_rows,
-                    norm_rows, count, dtype: torch.dtype, need_tau: bool):
+                    norm_rows, count, length, dtype: torch.dtype, need_tau: bool):
     """Column contributions of a chunk of rows: (columns (B, rows * width), P^T g terms (B, rows * width, d),
     dz (B, rows * width), (c_p - cnt_m) dz (B, rows * width), sum_pm dz_pm D_p(m) per batch row (B,) or None),
     in float64.
@@ -92,8 +101,8 @@ def _backward_chunk(t, w, t_rows, w_rows, lower_rows, upper_rows, rows, offsets,
     gx = (g_rows[:, :, None, :] * _gather_rows(x, cols)).sum(-1)
     dz = p * (gx - (p * gx).sum(-1, keepdim=True))
     flat = cols.flatten(1)
-    # Centred form: c_p - cnt_m is small near the peak, so no two large sums cancel.
-    centred = (2 * rows - (t.shape[1] - 1))[None, :, None] - torch.gather(count, 1, flat).view_as(cols)
+    # Centred form: c_p - cnt_m (c_p = 2p + 1 - m) is small near the peak, so no two large sums cancel.
+    centred = ((2 * rows + 1)[None, :, None] - length[:, None, None]) - torch.gather(count, 1, flat).view_as(cols)
     batch, d = g_rows.shape[0], g_rows.shape[-1]
     tau_terms = (dz * drop).sum((1, 2)) if need_tau else None
     return (flat, (p[..., None] * g_rows[:, :, None, :]).view(batch, -1, d), dz.flatten(1),
@@ -141,9 +150,24 @@ def from_sorted(values: Tensor, order: Tensor) -> Tensor:
     return torch.empty_like(values).scatter_(1, index, values)
 
 
-def rows_to_output(values: Tensor, descending: bool) -> Tensor:
-    """(B, n, ...) indexed by sorted row p -> by output row i (descending: i = n - 1 - p). An involution."""
-    return values.flip(1) if descending else values
+def rows_to_output(values: Tensor, descending: bool, terms: SortedTerms | None = None) -> Tensor:
+    """(B, n, ...) indexed by sorted row p -> by output row i (descending: i = n - 1 - p; for padded lists
+    ``terms.masked``, i = m - 1 - p on real rows, padded rows stay). An involution."""
+    if not descending:
+        return values
+    if terms is None or not terms.masked:
+        return values.flip(1)
+    index = output_index(terms.length, terms.n)
+    return torch.gather(values, 1, index.reshape(*index.shape, *([1] * (values.dim() - 2))).expand_as(values))
+
+
+def real_rows(values: Tensor, terms: SortedTerms) -> Tensor:
+    """(B, n, ...) by sorted position with padded positions set to 0 (for padded lists; unchanged otherwise): padding
+    may hold anything, NaN included, and a zero weight times NaN is NaN."""
+    if not terms.masked:
+        return values
+    valid = terms.valid()
+    return values.masked_fill(~valid.reshape(*valid.shape, *([1] * (values.dim() - 2))), 0)
 
 
 # Problems with at most this many (batch, row, column) entries are evaluated in one go, densely in sorted
@@ -166,6 +190,10 @@ def _dense_weights(terms: SortedTerms, tau: Tensor, banded: bool, dtype: torch.d
     n = terms.n
     drop = dense_drops(terms.t, terms.w)
     outside = drop > band_threshold(n) * tau if banded else None
+    if terms.masked:  # padded rows and columns weigh 0
+        valid = terms.valid()
+        padded = ~(valid[:, :, None] & valid[:, None, :])
+        outside = padded if outside is None else outside.logical_or_(padded)
     logits = drop.div(tau) if keep_drop else drop.div_(tau)
     logits.neg_()
     if outside is not None:
@@ -178,16 +206,23 @@ def signed_sum_gradient(terms: SortedTerms, u: Tensor, r: Tensor, tau: Tensor, d
     return from_sorted((u - signed_sum(terms, r)).div_(tau), terms.order).to(dtype)
 
 
-def poison_lists(t: Tensor, values: Tensor | None) -> Tensor:
-    """0 per list, NaN for a list with a non-finite score or value: (B,) float64 from t (B, n) and values (B, n, d).
+def list_poison(values: Tensor, mask: Tensor | None = None) -> Tensor:
+    """0 per list, NaN for a list with a non-finite entry among the real ones (``mask`` (B, n) True; all if None):
+    values (B, n) or (B, n, d) -> (B,) float64."""
+    if mask is not None:
+        values = values.masked_fill(~mask.reshape(*mask.shape, *([1] * (values.dim() - 2))), 0)
+    return values.sum(tuple(range(1, values.dim())), dtype=torch.float64).mul_(0)
+
+
+def poison_lists(t: Tensor, values: Tensor | None, mask: Tensor | None = None) -> Tensor:
+    """0 per list, NaN for a list with a non-finite score or value: (B,) float64 from t (B, n) (sorted scores, or
+    the scores themselves) and values (B, n, d), counting only the real items of ``mask`` (B, n) if given.
 
     Added to the sorted scores ``t`` when validation is off, it makes every drop, output and gradient of such a list
     NaN, on every path alike (the Triton ``prepare`` kernel does the same), instead of NaN reaching whichever rows
     a path's windows or tiles happen to mix it into."""
-    total = t.sum(-1)
-    if values is not None:
-        total = total + values.sum((1, 2), dtype=torch.float64)
-    return total.mul_(0)
+    poison = list_poison(t, mask)
+    return poison if values is None else poison.add_(list_poison(values, mask))
 
 
 class TorchBackend:
@@ -205,10 +240,12 @@ class TorchBackend:
         """Whether ``prepare`` computes the rows' windows (the chunked path) or leaves them empty (dense)."""
         return not self.dense(batch, n)
 
-    def prepare(self, scores: Tensor, tau: Tensor, banded: bool, values: Tensor | None = None) -> SortedTerms:
-        terms = sorted_terms(scores, tau, banded, windows=not self.dense(*scores.shape))
+    def prepare(self, scores: Tensor, tau: Tensor, banded: bool, values: Tensor | None = None,
+                mask: Tensor | None = None) -> SortedTerms:
+        terms = sorted_terms(scores, tau, banded, windows=not self.dense(*scores.shape), mask=mask)
         if not validation_enabled():  # unchecked inputs: the one rule for non-finite values (see poison_lists)
-            terms.t.add_(poison_lists(terms.t, values)[:, None])
+            source = terms.t if mask is None else scores
+            terms.t.add_(poison_lists(source, values, mask)[:, None])
         return terms
 
     @staticmethod
@@ -218,11 +255,11 @@ class TorchBackend:
         batch, n = terms.t.shape
         if batch == 0 or n == 0:
             return
-        windows = terms.upper - terms.lower + 1
+        windows = (terms.upper - terms.lower + 1).clamp_(min=0)
         widths = windows.amax(0)
         # One read-back for the sizes of the whole loop (total, step and the chunks' widths).
         total, widest = (int(v) for v in torch.stack([windows.sum(), widths.max()]).tolist())
-        step = max(1, CHUNK_ELEMENTS // (batch * widest * max(1, d)))
+        step = max(1, CHUNK_ELEMENTS // (batch * max(widest, 1) * max(1, d)))
         block_widths = torch.nn.functional.pad(widths, (0, -n % step)).view(-1, step).amax(1).tolist()
         neg_inv_tau = (-1.0 / tau).to(torch.float64)
         for p0, width in zip(range(0, n, step), block_widths, strict=True):
@@ -240,38 +277,67 @@ class TorchBackend:
         batch, n = terms.t.shape
         if self.dense(batch, n):
             weights, _ = _dense_weights(terms, tau, banded, work)
-            weights = weights / weights.sum(-1, keepdim=True)
+            norm = weights.sum(-1, keepdim=True)
+            weights = weights / (norm.clamp_(min=1.0) if terms.masked else norm)
             index = terms.order[:, None, :].expand(batch, n, n)
-            return rows_to_output(torch.empty_like(weights).scatter_(2, index, weights), descending).to(dtype)
+            return rows_to_output(torch.empty_like(weights).scatter_(2, index, weights), descending,
+                                  terms).to(dtype)
         out = torch.zeros((batch, n, n), device=terms.t.device, dtype=dtype)
-        out_row = output_rows(n, descending, terms.t.device)
+        # Padded lists' rows move per list: written by sorted row, then reordered once.
+        out_row = output_rows(n, descending and not terms.masked, terms.t.device)
         for p0, p1, _, args in self._chunks(terms, tau, 1):
             weights, cols, _ = _band_weights(*args, work)
-            weights /= weights.sum(-1, keepdim=True)
+            weights /= weights.sum(-1, keepdim=True).clamp_(min=1.0)
             input_cols = torch.gather(terms.order, 1, cols.flatten(1)).view_as(cols)
             block = torch.zeros((batch, p1 - p0, n), device=terms.t.device, dtype=work)
             out[:, out_row[p0:p1]] = block.scatter_add_(2, input_cols, weights).to(dtype)
-        return out
+        return rows_to_output(out, descending, terms) if terms.masked else out
 
     def apply_forward(self, terms: SortedTerms, x: Tensor, tau: Tensor, descending: bool,
                       banded: bool) -> tuple[Tensor, Tensor]:
-        """x (B, n, d) in input order -> (P_hat @ x (B, n, d) by output row, row sums (B, n) float64 by sorted row)."""
+        """x (B, n, d) in input order -> (P_hat @ x (B, n, d) by output row, row sums (B, n) float64 by sorted row;
+        padded rows: 0 and 1)."""
         work = compute_dtype(x.dtype)
         batch, n, d = x.shape
-        xw = to_sorted(x, terms.order).to(work)
+        xw = real_rows(to_sorted(x, terms.order).to(work), terms)
         if self.dense(batch, n):
             weights, _ = _dense_weights(terms, tau, banded, work)
             # The row sums are kept in float64: a row's rounding error rescales all of its dz in the backward, and
             # d_scores is a sum over rows whose contributions largely cancel.
             norm = weights.sum(-1, dtype=torch.float64)
+            if terms.masked:
+                norm.clamp_(min=1.0)
             out = torch.bmm(weights, xw).div_(norm[..., None])
-            return rows_to_output(out, descending).to(x.dtype), norm
+            return rows_to_output(out, descending, terms).to(x.dtype), norm
         out = torch.empty((batch, n, d), device=x.device, dtype=x.dtype)
         norm = torch.empty((batch, n), device=x.device, dtype=torch.float64)
         for p0, p1, total, args in self._chunks(terms, tau, d):
             y, norm[:, p0:p1] = _chunk_function("forward", _forward_chunk, total)(*args, xw)
             out[:, p0:p1] = y.to(x.dtype)
-        return rows_to_output(out, descending), norm
+        return rows_to_output(out, descending, terms), norm
+
+    def apply_transposed(self, terms: SortedTerms, v: Tensor, tau: Tensor, descending: bool,
+                         banded: bool) -> tuple[Tensor, Tensor]:
+        """v (B, n, d) by output row -> (P_hat^T @ v (B, n, d) by input item, row sums (B, n) float64)."""
+        work = compute_dtype(v.dtype)
+        batch, n, d = v.shape
+        v_rows = real_rows(rows_to_output(v, descending, terms).to(work), terms)
+        if self.dense(batch, n):
+            weights, _ = _dense_weights(terms, tau, banded, work)
+            norm = weights.sum(-1, dtype=torch.float64)
+            if terms.masked:
+                norm.clamp_(min=1.0)
+            out = torch.bmm(weights.transpose(1, 2), v_rows / norm[..., None].to(work))
+            return from_sorted(out, terms.order).to(v.dtype), norm
+        out = torch.zeros((batch, n, d), device=v.device, dtype=work)
+        norm = torch.empty((batch, n), device=v.device, dtype=torch.float64)
+        for p0, p1, _, args in self._chunks(terms, tau, d):
+            weights, cols, _ = _band_weights(*args, work)
+            norm[:, p0:p1] = weights.sum(-1, dtype=torch.float64).clamp_(min=1.0)
+            scaled = v_rows[:, p0:p1] / norm[:, p0:p1, None].to(work)
+            out.scatter_add_(1, cols.flatten(1)[..., None].expand(-1, -1, d),
+                             (weights[..., None] * scaled[:, :, None, :]).flatten(1, 2))
+        return from_sorted(out, terms.order).to(v.dtype), norm
 
     def apply_backward(self, terms: SortedTerms, x: Tensor, grad: Tensor, norm: Tensor, tau: Tensor,
                        descending: bool, banded: bool, need_tau: bool) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -281,8 +347,8 @@ class TorchBackend:
         Delta_p = sum_m P_pm (g_p . x_m) is recomputed from the very weights dz uses (per chunk of whole rows)."""
         work = compute_dtype(x.dtype)
         batch, n, d = x.shape
-        x64 = to_sorted(x, terms.order).to(torch.float64)
-        g64 = rows_to_output(grad, descending).to(torch.float64)
+        x64 = real_rows(to_sorted(x, terms.order).to(torch.float64), terms)
+        g64 = real_rows(rows_to_output(grad, descending, terms).to(torch.float64), terms)
         if self.dense(batch, n):
             weights, drop = _dense_weights(terms, tau, banded, work, keep_drop=need_tau)
             p = weights.to(torch.float64).div_(norm[..., None])
@@ -291,7 +357,12 @@ class TorchBackend:
             dx = torch.bmm(p.transpose(1, 2), g64)
             r = dz.sum(1)
             # Centred form: c_p - cnt_m is small near the peak, so no two large sums cancel.
-            u = (positions(n, x.device, 2, 1 - n)[:, None] - terms.count[:, None, :]).mul_(dz).sum(1)
+            if terms.masked:
+                coefficient = positions(n, x.device, 2, 1)[None, :] - terms.length[:, None]
+                centred = coefficient[:, :, None] - terms.count[:, None, :]
+            else:
+                centred = positions(n, x.device, 2, 1 - n)[:, None] - terms.count[:, None, :]
+            u = centred.mul_(dz).sum(1)
             tau_terms = (dz * drop).sum((1, 2)) if need_tau else None
         else:
             dx = torch.zeros((batch, n, d), device=x.device, dtype=torch.float64)
@@ -301,7 +372,7 @@ class TorchBackend:
             for p0, p1, total, args in self._chunks(terms, tau, d):
                 cols, pg, dz, centred_dz, tau_chunk = _chunk_function(f"backward{int(need_tau)}", _backward_chunk,
                                                                       total)(
-                    *args, x64, g64[:, p0:p1], norm[:, p0:p1], terms.count, work, need_tau)
+                    *args, x64, g64[:, p0:p1], norm[:, p0:p1], terms.count, terms.length, work, need_tau)
                 dx.scatter_add_(1, cols[..., None].expand(-1, -1, d), pg)
                 r.scatter_add_(1, cols, dz)
                 u.scatter_add_(1, cols, centred_dz)
@@ -316,7 +387,8 @@ class TritonBackend:
 
     A forward is one ``torch.sort`` and two launches (``prepare``, the forward kernel); a backward three launches
     (row pass, column pass, ``finish``): the permutations live in the kernels' loads and stores, and nothing reads
-    a result back to the host."""
+    a result back to the host. Padded lists cost two more operations (the sort key and the lengths); the kernels
+    take each list's length at run time."""
 
     name = "triton"
 
@@ -324,17 +396,22 @@ class TritonBackend:
     def has_windows(batch: int, n: int) -> bool:
         return True
 
-    def prepare(self, scores: Tensor, tau: Tensor, banded: bool, values: Tensor | None = None) -> SortedTerms:
+    def prepare(self, scores: Tensor, tau: Tensor, banded: bool, values: Tensor | None = None,
+                mask: Tensor | None = None) -> SortedTerms:
         """Always folds ``poison_lists`` into t (in the kernel, for free)."""
         from .kernels import launch
 
-        sorted_scores, order = torch.sort(scores.detach(), dim=-1, stable=True)
+        key = scores.detach() if mask is None else scores.detach().masked_fill(~mask, float("inf"))
+        sorted_scores, order = torch.sort(key, dim=-1, stable=True)
+        lengths = None if mask is None else mask.sum(-1)
         x = values.detach().contiguous() if values is not None else None
-        return SortedTerms(order=order, **launch.prepare(sorted_scores, tau.reshape(1), banded, x))
+        return SortedTerms(order=order, **launch.prepare(sorted_scores, order, tau.reshape(1), banded, x, lengths),
+                           masked=mask is not None)
 
     @staticmethod
     def _windowed(terms: SortedTerms) -> dict[str, Tensor]:
-        return {"t": terms.t, "w": terms.w, "lower": terms.lower, "upper": terms.upper, "order": terms.order}
+        return {"t": terms.t, "w": terms.w, "lower": terms.lower, "upper": terms.upper, "length": terms.length,
+                "order": terms.order}
 
     def matrix_forward(self, terms: SortedTerms, tau: Tensor, descending: bool, banded: bool,
                        dtype: torch.dtype) -> Tensor:
@@ -349,6 +426,15 @@ class TritonBackend:
 
         return launch.apply_forward(**self._windowed(terms), x=x.contiguous(), tau=tau.reshape(1),
                                     descending=descending)
+
+    def apply_transposed(self, terms: SortedTerms, v: Tensor, tau: Tensor, descending: bool,
+                         banded: bool) -> tuple[Tensor, Tensor]:
+        """The row sums (the forward kernel with no values), then the column pass without the scores' terms."""
+        from .kernels import launch
+
+        windowed, tau = self._windowed(terms), tau.reshape(1)
+        _, norm = launch.apply_forward(**windowed, x=v.new_empty((*v.shape[:2], 0)), tau=tau, descending=descending)
+        return launch.apply_transposed(**windowed, v=v.contiguous(), norm=norm, tau=tau, descending=descending), norm
 
     def apply_backward(self, terms: SortedTerms, x: Tensor, grad: Tensor, norm: Tensor, tau: Tensor,
                        descending: bool, banded: bool, need_tau: bool) -> tuple[Tensor, Tensor, Tensor | None]:

@@ -54,14 +54,23 @@ class SortedTerms:
     not_greater: Tensor
     lower: Tensor
     upper: Tensor
+    length: Tensor
+    masked: bool = False
 
     @property
     def n(self) -> int:
         return self.t.shape[-1]
 
     def tensors(self) -> tuple[Tensor, ...]:
-        """The fields in order: what a custom op returns so that the backward reuses the forward's terms."""
-        return tuple(getattr(self, field.name) for field in dataclasses.fields(self))
+        """The tensor fields in order: what a custom op returns so that the backward reuses the forward's terms."""
+        return tuple(getattr(self, name) for name in TENSOR_FIELDS)
+
+    def valid(self) -> Tensor:
+        """(B, n) bool: sorted position p holds a real item (p < length)."""
+        return index_positions(self.n, self.t.device)[None, :] < self.length[:, None]
+
+
+TENSOR_FIELDS = tuple(field.name for field in dataclasses.fields(SortedTerms) if field.name != "masked")
 
 
 def drop(terms: SortedTerms, rows: Tensor, cols: Tensor) -> Tensor:
@@ -77,31 +86,53 @@ def _take(values: Tensor, index: Tensor) -> Tensor:
     return torch.gather(values, 1, flat).reshape(index.shape)
 
 
-def sorted_terms(scores: Tensor, tau: float | Tensor, banded: bool = True, windows: bool = True) -> SortedTerms:
+def sorted_terms(scores: Tensor, tau: float | Tensor, banded: bool = True, windows: bool = True,
+                 mask: Tensor | None = None) -> SortedTerms:
     """Sort once, prefix sums in float64, windows by binary search: O(B n log n). scores: (B, n).
 
     ``tau``: a float or a 0-d float64 tensor. ``windows=False`` leaves ``lower``/``upper`` empty, ``(B, 0)``: the
     dense evaluations need no windows (they mask the band's drops directly), and skipping the binary search saves
-    ~2 log2(n) small operations per call."""
+    ~2 log2(n) small operations per call. ``mask`` (B, n) bool, True for real items: padded lists (see
+    ``SortedTerms``)."""
     s = scores.detach().to(torch.float64)
     batch, n = s.shape
-    t, order = torch.sort(s, dim=-1, stable=True)
-    if n:
-        t = t - t[:, n // 2 : n // 2 + 1]
+    if mask is None:
+        t, order = torch.sort(s, dim=-1, stable=True)
+        length = torch.full((batch,), n, dtype=torch.int64, device=s.device)
+        if n:
+            t = t - t[:, n // 2 : n // 2 + 1]
+        searched = t
+    else:
+        # Padding sorts last (a real NaN/inf, possible with validation off, poisons its list anyway).
+        key, order = torch.sort(s.masked_fill(~mask, float("inf")), dim=-1, stable=True)
+        length = mask.sum(-1)
+        valid = index_positions(n, s.device)[None, :] < length[:, None]
+        median = torch.gather(key, 1, (length // 2).clamp(max=max(n - 1, 0))[:, None]) if n else key
+        t = torch.where(valid, key - median, 0.0)
+        searched = t.masked_fill(~valid, float("inf"))  # tie counts among the real items only
     gaps = torch.diff(t, dim=-1)
     w = torch.nn.functional.pad(torch.cumsum(positions(n - 1, s.device) * gaps, dim=-1), (1, 0)) if n else t.clone()
-    less = torch.searchsorted(t, t, right=False)
-    not_greater = torch.searchsorted(t, t, right=True)
-    count = (less + not_greater).to(torch.float64).sub_(n)
+    less = torch.searchsorted(searched, searched, right=False)
+    not_greater = torch.searchsorted(searched, searched, right=True)
+    if mask is None:
+        count = (less + not_greater).to(torch.float64).sub_(n)
+    else:
+        less, not_greater = less.masked_fill(~valid, 0), not_greater.masked_fill(~valid, n)
+        count = (less + not_greater - length[:, None]).to(torch.float64)
     # Distinct empty tensors: a custom op's outputs may not alias each other.
     terms = SortedTerms(order, t, w, count, less, not_greater, lower=order.new_empty((batch, 0)),
-                        upper=order.new_empty((batch, 0)))
+                        upper=order.new_empty((batch, 0)), length=length, masked=mask is not None)
     if not windows:
         return terms
     rows = torch.arange(n, device=s.device).expand(batch, n)
+    last = (length - 1).clamp(min=0)[:, None]
     if not banded:
-        return dataclasses.replace(terms, lower=torch.zeros_like(rows), upper=torch.full_like(rows, max(n - 1, 0)))
-    lower, upper = _windows(terms, rows, band_threshold(n) * tau)
+        lower, upper = torch.zeros_like(rows), last.expand(batch, n).clone()
+    else:
+        lower, upper = _windows(terms, rows, band_threshold(n) * tau, last)
+    if mask is not None:  # padded rows: empty windows [m, m - 1] (bounds stay non-decreasing in p)
+        lower = torch.where(valid, lower, length[:, None])
+        upper = torch.where(valid, upper, length[:, None] - 1)
     return dataclasses.replace(terms, lower=lower, upper=upper)
 
 
@@ -121,8 +152,9 @@ def positions(n: int, device: torch.device, scale: int = 1, shift: int = 0) -> T
     return cached
 
 
-def _windows(terms: SortedTerms, rows: Tensor, limit: float | Tensor) -> tuple[Tensor, Tensor]:
-    """Per row p, the first and last column m with D_p(m) <= limit (binary search; D_p is monotone)."""
+def _windows(terms: SortedTerms, rows: Tensor, limit: float | Tensor, last: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row p, the first and last column m <= last (B, 1) with D_p(m) <= limit (binary search; D_p is
+    monotone)."""
     n = terms.n
     # Leftmost m in [0, p] with D_p(m) <= limit: D_p decreases towards p, where it is 0.
     lo, hi = torch.zeros_like(rows), rows.clone()
@@ -132,8 +164,8 @@ def _windows(terms: SortedTerms, rows: Tensor, limit: float | Tensor) -> tuple[T
         hi = torch.where(inside, mid, hi)
         lo = torch.where(inside, lo, mid + 1)
     lower = hi
-    # Rightmost m in [p, n - 1] with D_p(m) <= limit.
-    lo, hi = rows.clone(), torch.full_like(rows, max(n - 1, 0))
+    # Rightmost m in [p, last] with D_p(m) <= limit.
+    lo, hi = rows.clone(), last.expand_as(rows).clone()
     for _ in range(max(n, 1).bit_length()):
         mid = (lo + hi + 1) // 2
         inside = drop(terms, rows, mid) <= limit
@@ -148,6 +180,28 @@ def signed_sum(terms: SortedTerms, r: Tensor) -> Tensor:
     below = torch.gather(prefix, -1, terms.less)
     above = prefix[..., -1:] - torch.gather(prefix, -1, terms.not_greater)
     return below - above
+
+
+_INDEX_POSITIONS: dict[tuple[int, str], Tensor] = {}
+
+
+def index_positions(n: int, device: torch.device) -> Tensor:
+    """``0, 1, ..., n - 1`` as int64, cached like ``positions``. Never written to."""
+    key = (n, str(device))
+    cached = _INDEX_POSITIONS.get(key)
+    if cached is None:
+        if len(_INDEX_POSITIONS) > 256:
+            _INDEX_POSITIONS.clear()
+        cached = _INDEX_POSITIONS[key] = torch.arange(max(n, 0), device=device)
+    return cached
+
+
+def output_index(length: Tensor, n: int) -> Tensor:
+    """For descending padded lists: the output row of each sorted row p, ``m - 1 - p`` for real rows and ``p`` for
+    padded ones (their output rows are zero). (B, n) int64, an involution (also the sorted row of each output row).
+    """
+    rows = index_positions(n, length.device)[None, :]
+    return torch.where(rows < length[:, None], length[:, None] - 1 - rows, rows)
 
 
 def output_rows(n: int, descending: bool, device: torch.device) -> Tensor:

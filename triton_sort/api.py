@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .ops import SortApply, SortMatrix
+from .ops import APPLY_FUNCTIONS, SortMatrix
 
 Backend = Literal["auto", "torch", "triton"]
 
@@ -67,9 +67,24 @@ def _check_scores(scores: object) -> Tensor:
     if scores.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"scores must have a real floating dtype (float32, float16, bfloat16 or float64), "
                         f"got {scores.dtype}")
-    if scores.dim() not in (1, 2):
-        raise ValueError(f"scores must have shape (n,) or (B, n), got {tuple(scores.shape)}")
+    if scores.dim() == 0:
+        raise ValueError("scores must have shape (..., n) with at least one dimension, got a 0-d tensor")
     return scores
+
+
+def _check_mask(scores: Tensor, mask: object) -> Tensor | None:
+    """``mask`` (bool, scores' shape and device; True for a real item) flattened to (B, n), or None."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must have dtype torch.bool (True for a real item), got {mask.dtype}")
+    if tuple(mask.shape) != tuple(scores.shape):
+        raise ValueError(f"mask must have the shape of scores {tuple(scores.shape)}, got {tuple(mask.shape)}")
+    if mask.device != scores.device:
+        raise ValueError(f"mask must be on the device of scores ({scores.device}), got {mask.device}")
+    return mask.reshape(_as_batch(scores).shape)
 
 
 def _resolve_backend(backend: str, scores: Tensor) -> str:
@@ -101,7 +116,8 @@ def _triton_available() -> bool:
 
 
 def _as_batch(scores: Tensor) -> Tensor:
-    return scores if scores.dim() == 2 else scores.unsqueeze(0)
+    """scores (..., n) as (B, n), B the product of the leading dimensions (1 for 1-D scores)."""
+    return scores.reshape(math.prod(scores.shape[:-1]), scores.shape[-1])
 
 
 def _check_values(scores: Tensor, x: object, name: str = "x") -> Tensor:
@@ -114,24 +130,23 @@ def _check_values(scores: Tensor, x: object, name: str = "x") -> Tensor:
         raise ValueError(f"{name} must be on the device of scores ({scores.device}), got {x.device}")
     leading = scores.dim()
     if x.dim() not in (leading, leading + 1) or tuple(x.shape[:leading]) != tuple(scores.shape):
-        expected = "(n,) or (n, d)" if leading == 1 else "(B, n) or (B, n, d)"
-        raise ValueError(f"{name} must have shape {expected} matching scores {tuple(scores.shape)}, "
-                         f"got {tuple(x.shape)}")
+        raise ValueError(f"{name} must have shape (..., n) or (..., n, d) with the leading dimensions and n of "
+                         f"scores {tuple(scores.shape)}, got {tuple(x.shape)}")
     values = x if x.dim() == leading + 1 else x.unsqueeze(-1)
-    return values if leading == 2 else values.unsqueeze(0)
+    return values.reshape(math.prod(scores.shape[:-1]), scores.shape[-1], values.shape[-1])
 
 
 def relaxed_sort_apply(scores: Tensor, x: Tensor, tau: float | Tensor, *, descending: bool = True,
-                       hard: bool = False, banded: bool = True, backend: Backend = "auto") -> Tensor:
+                       hard: bool = False, banded: bool = True, backend: Backend = "auto", mask: Tensor | None = None,
+                       transpose: bool = False) -> Tensor:
     """NeuralSort's relaxed sort applied to values, ``P_hat @ x``, without materialising ``P_hat``.
 
     ``P_hat[i, :] = softmax(((n + 1 - 2i) * s - A_s 1) / tau)`` with ``A_s[j, k] = |s_j - s_k|``: row i (output
     rank i) peaks at the i-th largest score (``descending=False``: the i-th smallest).
 
     Args:
-        scores: ``(n,)`` or ``(B, n)``.
-        x: ``(n,)`` or ``(n, d)`` for 1-D scores; ``(B, n)`` or ``(B, n, d)`` for 2-D scores; same dtype and
-            device as ``scores``.
+        scores: ``(..., n)``: any leading batch dimensions, one list per row.
+        x: ``(..., n)`` or ``(..., n, d)`` with the leading dimensions of ``scores``; same dtype and device.
         tau: temperature > 0, a number or a one-element tensor (a tensor that requires grad gets its exact
             gradient; under torch.compile a tensor tau never causes a recompilation); ``P_hat`` tends to the sorting
             permutation as ``tau -> 0``.
@@ -142,40 +157,83 @@ def relaxed_sort_apply(scores: Tensor, x: Tensor, tau: float | Tensor, *, descen
             (about 1e-13) of the row's mass: the result is exact to that bound, and the work falls from ``n^2``
             towards ``n^1.5`` for well-spread scores. ``banded=False`` evaluates every column.
         backend: ``"auto"`` (Triton for CUDA tensors, PyTorch otherwise), ``"triton"`` or ``"torch"``.
+        mask: bool, ``scores``' shape, True for a real item: padded lists. A list with ``m`` real items gives
+            exactly the call on those items alone in output rows ``0..m-1`` (coefficients ``m + 1 - 2i``); rows
+            ``m..n-1`` are 0, padded items get no weight and zero gradient, whatever they hold (NaN included), and
+            may sit anywhere in the list.
+        transpose: return ``P_hat^T @ x`` instead, ``x`` indexed by rank (output row) and the result by item: sends
+            values at ranks back to the items (each item's expected discount or position). Exact gradients for
+            ``scores`` and ``x``.
 
     Returns:
         A tensor of ``x``'s shape, differentiable with respect to ``scores`` and ``x``. Extra memory is
         O(B * n * d) in both passes (the backward recomputes ``P_hat`` tile by tile).
     """
+    return _apply("relaxed_sort_apply", scores, x, tau, descending, hard, banded, backend, mask, transpose)
+
+
+def _apply(name: str, scores: Tensor, x: Tensor, tau: float | Tensor, descending: bool, hard: bool, banded: bool,
+           backend: Backend, mask: Tensor | None, transpose: bool) -> Tensor:
+    """``relaxed_sort_apply`` for the public function ``name`` (the name its autograd errors give)."""
     scores = _check_scores(scores)
     if isinstance(x, Tensor):
         scores, x = autocast_inputs(scores, x)
     tau = check_tau(tau, scores.device)
     _check_flag("descending", descending)
     _check_flag("hard", hard)
+    _check_flag("transpose", transpose)
     values = _check_values(scores, x)
+    flat_mask = _check_mask(scores, mask)
     backend = _resolve_backend(backend, scores)
     _check_flag("banded", banded)
-    out = SortApply.apply(_as_batch(scores), values, tau, descending, hard, banded, backend)[0]
+    out = APPLY_FUNCTIONS[name].apply(_as_batch(scores), values, tau, flat_mask, descending, hard, banded,
+                                      transpose, backend)[0]
     return out.reshape(x.shape)
 
 
 def relaxed_sort_matrix(scores: Tensor, tau: float | Tensor, *, descending: bool = True, hard: bool = False,
-                        banded: bool = True, backend: Backend = "auto") -> Tensor:
-    """NeuralSort's relaxed permutation matrix ``P_hat``, ``(n, n)`` or ``(B, n, n)`` for scores ``(n,)``/``(B, n)``.
+                        banded: bool = True, backend: Backend = "auto", mask: Tensor | None = None) -> Tensor:
+    """NeuralSort's relaxed permutation matrix ``P_hat``, ``(..., n, n)`` for scores ``(..., n)``.
 
     Row i is a softmax peaking at the i-th largest score (``descending=False``: smallest); rows sum to 1.
     ``hard=True`` returns the exact permutation matrix (stable for ties) with the relaxed gradient.
     With ``banded`` (default) entries below ``e^-(ln(n) + 30)`` of their row's peak are exact zeros (see
-    ``relaxed_sort_apply``). Differentiable with respect to ``scores``. Prefer :func:`relaxed_sort_apply` when
-    only ``P_hat @ x`` is needed: it never allocates ``n x n``.
+    ``relaxed_sort_apply``). ``mask`` (bool, scores' shape, True for a real item): a list of ``m`` real items has
+    the ``m x m`` matrix of those items alone in rows ``0..m-1`` and their columns; padded rows and columns are 0.
+    Differentiable with respect to ``scores``. Prefer :func:`relaxed_sort_apply` when only ``P_hat @ x`` is needed:
+    it never allocates ``n x n``.
     """
     scores = _check_scores(scores)
     (scores,) = autocast_inputs(scores)
     tau = check_tau(tau, scores.device)
     _check_flag("descending", descending)
     _check_flag("hard", hard)
+    flat_mask = _check_mask(scores, mask)
     backend = _resolve_backend(backend, scores)
     _check_flag("banded", banded)
-    out = SortMatrix.apply(_as_batch(scores), tau, descending, hard, banded, backend)[0]
-    return out if scores.dim() == 2 else out.squeeze(0)
+    out = SortMatrix.apply(_as_batch(scores), tau, flat_mask, descending, hard, banded, backend)[0]
+    return out.reshape(*scores.shape, scores.shape[-1])
+
+
+def relaxed_sort(scores: Tensor, tau: float | Tensor, *, descending: bool = True, hard: bool = False,
+                 mask: Tensor | None = None, banded: bool = True, backend: Backend = "auto") -> Tensor:
+    """Soft-sorted scores, ``P_hat @ scores``: ``(..., n)``, entry i the relaxed i-th largest score (``descending``;
+    else smallest). ``hard=True``: the exact sorted scores with the relaxed gradient. ``mask`` as in
+    :func:`relaxed_sort_apply` (a list's m real scores fill entries ``0..m-1``, the rest are 0). Exact gradient,
+    O(B n) memory (streaming)."""
+    return _apply("relaxed_sort", scores, scores, tau, descending, hard, banded, backend, mask, False)
+
+
+def relaxed_rank(scores: Tensor, tau: float | Tensor, *, descending: bool = True, mask: Tensor | None = None,
+                 banded: bool = True, backend: Backend = "auto") -> Tensor:
+    """Soft ranks ``r_j = sum_i (i + 1) P_hat[i, j]``, ``(..., n)``, 1-based: with ``descending=True`` the largest
+    score has rank about 1 (``descending=False``: the smallest). As ``tau -> 0`` they tend to the exact ranks.
+    ``mask`` as in :func:`relaxed_sort_apply`: a list's m real items get ranks in [1, m], padded items 0.
+
+    ``P_hat^T @ (1, 2, ..., n)`` (``relaxed_sort_apply(..., transpose=True)``): exact gradient, streaming, O(B n)
+    memory. Unlike ``torchsort.soft_rank`` (ascending ranks, a regularised isotonic projection), these are
+    NeuralSort's expected positions under ``P_hat``."""
+    scores = _check_scores(scores)
+    ranks = torch.arange(1, scores.shape[-1] + 1, dtype=scores.dtype, device=scores.device)
+    return _apply("relaxed_rank", scores, ranks.expand(scores.shape), tau, descending, False, banded, backend, mask,
+                  True)

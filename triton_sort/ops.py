@@ -15,26 +15,44 @@ setup/backward functions as the ops' ``register_autograd``: PyTorch's generated 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import torch
 from torch import Tensor
 
-from ._backends import BACKENDS, dense_drops, poison_lists, rows_to_output, signed_sum_gradient
-from ._columns import SortedTerms, positions
+from ._backends import (
+    BACKENDS,
+    dense_drops,
+    list_poison,
+    poison_lists,
+    real_rows,
+    rows_to_output,
+    signed_sum_gradient,
+)
+from ._columns import TENSOR_FIELDS, SortedTerms, index_positions, positions
 from ._validation import validation_enabled
 
-TERM_FIELDS = tuple(field.name for field in dataclasses.fields(SortedTerms))
-_INDEX_FIELDS = ("order", "less", "not_greater", "lower", "upper")
+TERM_FIELDS = TENSOR_FIELDS
+_INDEX_FIELDS = ("order", "less", "not_greater", "lower", "upper", "length")
 
 
-def validate_data(scores: Tensor, x: Tensor | None, tau: Tensor | None) -> None:
+def rank_mask(mask: Tensor) -> Tensor:
+    """(B, n) bool by rank (output row) from a mask by item: the first m ranks of a list of m real items."""
+    return index_positions(mask.shape[-1], mask.device)[None, :] < mask.sum(-1, keepdim=True)
+
+
+def validate_data(scores: Tensor, x: Tensor | None, tau: Tensor | None, mask: Tensor | None = None,
+                  value_mask: Tensor | None = None) -> None:
     """With validation on (``triton_sort.set_validation``): scores and x finite, tau finite and > 0 with a finite
-    inverse. One host synchronisation for all of them; nothing at all with validation off. Data-dependent, so it lives
-    inside the ops (opaque to torch.compile) rather than in the Python wrappers."""
+    inverse; only real items count where ``mask`` (scores) and ``value_mask`` (x's first axis) say which. One host
+    synchronisation for all of them; nothing at all with validation off. Data-dependent, so it lives inside the ops
+    (opaque to torch.compile) rather than in the Python wrappers."""
     if not validation_enabled():
         return
+    if mask is not None:  # padding may hold anything (-inf, NaN): it is never used
+        scores = scores.masked_fill(~mask, 0)
+    if x is not None and value_mask is not None:
+        x = x.masked_fill(~value_mask[..., None], 0)
     # One cheap test first: sums in float64 are finite exactly when every input is, unless finite float64 inputs
     # near 1e308 overflow them; only then (or on a real error) do the per-tensor checks run.
     total = scores.sum(dtype=torch.float64)
@@ -68,15 +86,30 @@ def without_autocast(fn):
     return run
 
 
-def hard_order(scores: Tensor, descending: bool) -> Tensor:
-    """Exact sort order, stable so that equal scores keep their input order. (B, n) -> (B, n) int64."""
+def hard_order(scores: Tensor, descending: bool, mask: Tensor | None = None) -> Tensor:
+    """Exact sort order, stable so that equal scores keep their input order, padding (``mask`` False) last.
+    (B, n) -> (B, n) int64."""
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf") if descending else float("inf"))
     return torch.sort(scores, dim=-1, descending=descending, stable=True).indices
+
+
+def _hard_apply(scores: Tensor, x: Tensor, descending: bool, mask: Tensor | None, transpose: bool) -> Tensor:
+    """The exact permutation applied: x (B, n, d) by item -> by rank, or (``transpose``) by rank -> by item; padded
+    ranks and items are 0."""
+    order = hard_order(scores, descending, mask)[..., None].expand_as(x)
+    ranks = None if mask is None else rank_mask(mask)[..., None]
+    if transpose:
+        x = x if ranks is None else x.masked_fill(~ranks, 0)
+        return torch.zeros_like(x).scatter_(1, order, x)
+    out = torch.gather(x, 1, order)
+    return out if ranks is None else out.masked_fill(~ranks, 0)
 
 
 def _fake_terms(scores: Tensor, backend: str, banded: bool) -> tuple[Tensor, ...]:
     batch, n = scores.shape
     width = n if BACKENDS[backend].has_windows(batch, n) else 0
-    shapes = {"lower": (batch, width), "upper": (batch, width)}
+    shapes = {"lower": (batch, width), "upper": (batch, width), "length": (batch,)}
     return tuple(scores.new_empty(shapes.get(name, (batch, n)),
                                   dtype=torch.int64 if name in _INDEX_FIELDS else torch.float64)
                  for name in TERM_FIELDS)
@@ -158,6 +191,8 @@ def register_batch_vmap(op, name: str, batched: tuple[int, ...], tau_index: int)
         args = list(args)
         for index in batched:
             value, dim = args[index], in_dims[index]
+            if value is None:  # an optional tensor (mask) not given
+                continue
             value = value.movedim(dim, 0) if dim is not None else value.expand(size, *value.shape)
             args[index] = value.reshape(size * value.shape[1], *value.shape[2:])
         outputs = op(*args)
@@ -172,21 +207,30 @@ def register_batch_vmap(op, name: str, batched: tuple[int, ...], tau_index: int)
 # ----------------------------------------------------------------------------------------- P_hat @ x (streaming)
 @torch.library.custom_op("triton_sort::apply", mutates_args=())
 @without_autocast
-def sort_apply(scores: Tensor, x: Tensor, tau: Tensor, descending: bool, hard: bool, banded: bool,
-               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (out, norm, *sorted terms): out = P_hat @ x (or x in exact sorted order if ``hard``), by output row;
-    norm = the row sums in sorted order (float64); the terms (``TERM_FIELDS``) for the backward."""
-    validate_data(scores, x, tau)
+def sort_apply(scores: Tensor, x: Tensor, tau: Tensor, mask: Tensor | None, descending: bool, hard: bool,
+               banded: bool, transpose: bool, backend: str
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (out, norm, *sorted terms): out = P_hat @ x by output row (``transpose``: P_hat^T @ x, x by output
+    row, out by item; ``hard``: the exact permutation instead); norm = the row sums in sorted order (float64); the
+    terms (``TERM_FIELDS``) for the backward. ``mask`` (B, n) bool: padded lists (True for a real item)."""
+    value_mask = rank_mask(mask) if transpose and mask is not None else mask
+    validate_data(scores, x, tau, mask, value_mask)
     impl = BACKENDS[backend]
-    terms = impl.prepare(scores, tau, banded, x)
-    out, norm = impl.apply_forward(terms, x, tau, descending, banded)
+    # x by rank (transpose) is not in the items' order that prepare's poisoning reads: poisoned here instead.
+    terms = impl.prepare(scores, tau, banded, None if transpose else x, mask)
+    if transpose:
+        if not validation_enabled():
+            terms.t.add_(list_poison(x, value_mask)[:, None])
+        out, norm = impl.apply_transposed(terms, x, tau, descending, banded)
+    else:
+        out, norm = impl.apply_forward(terms, x, tau, descending, banded)
     if hard:
-        out = torch.gather(x, 1, hard_order(scores, descending)[..., None].expand_as(x))
+        out = _hard_apply(scores, x, descending, mask, transpose)
     return (out, norm, *terms.tensors())
 
 
 @sort_apply.register_fake
-def _(scores, x, tau, descending, hard, banded, backend):
+def _(scores, x, tau, mask, descending, hard, banded, transpose, backend):
     return (torch.empty_like(x), scores.new_empty(scores.shape, dtype=torch.float64),
             *_fake_terms(scores, backend, banded))
 
@@ -195,29 +239,36 @@ def _(scores, x, tau, descending, hard, banded, backend):
 @without_autocast
 def sort_apply_backward(x: Tensor, grad: Tensor, norm: Tensor, tau: Tensor, order: Tensor, t: Tensor, w: Tensor,
                         count: Tensor, less: Tensor, not_greater: Tensor, lower: Tensor, upper: Tensor,
-                        descending: bool, banded: bool, backend: str,
-                        need_tau: bool) -> tuple[Tensor, Tensor, Tensor]:
+                        length: Tensor, descending: bool, banded: bool, backend: str, need_tau: bool, masked: bool,
+                        transpose: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(d_scores (B, n), d_x (B, n, d), tau terms) of P_hat @ x, recomputing P_hat tile by tile from the forward's
     terms. The tau terms are ``sum_pm dz_pm D_p(m)`` per batch row, (B,) float64, or ``(B, 0)`` unless ``need_tau``:
-    ``dL/dtau`` is their sum over ``tau^2``."""
-    terms = SortedTerms(order, t, w, count, less, not_greater, lower, upper)
-    d_scores, d_x, tau_terms = BACKENDS[backend].apply_backward(terms, x, grad, norm, tau, descending, banded,
-                                                                need_tau)
+    ``dL/dtau`` is their sum over ``tau^2``.
+
+    ``transpose`` (the op P_hat^T @ v, x = v by rank, grad = w by item): w . P^T v = v . P w is P_hat @ w contracted
+    with v, so d_v = P_hat @ w and d_scores is the plain backward with x = w and output gradient v."""
+    terms = SortedTerms(order, t, w, count, less, not_greater, lower, upper, length, masked)
+    impl = BACKENDS[backend]
+    if transpose:
+        d_x = impl.apply_forward(terms, grad, tau, descending, banded)[0]
+        d_scores, _, tau_terms = impl.apply_backward(terms, grad, x, norm, tau, descending, banded, need_tau)
+    else:
+        d_scores, d_x, tau_terms = impl.apply_backward(terms, x, grad, norm, tau, descending, banded, need_tau)
     if tau_terms is None:
         tau_terms = norm.new_empty((norm.shape[0], 0))
     return d_scores, d_x, tau_terms
 
 
 @sort_apply_backward.register_fake
-def _(x, grad, norm, tau, order, t, w, count, less, not_greater, lower, upper, descending, banded, backend,
-      need_tau):
+def _(x, grad, norm, tau, order, t, w, count, less, not_greater, lower, upper, length, descending, banded, backend,
+      need_tau, masked, transpose):
     batch, n = norm.shape
     return (x.new_empty((batch, n)), torch.empty_like(x), norm.new_empty((batch,) if need_tau else (batch, 0)))
 
 
 def save_with_terms(ctx, tensors: tuple, terms: tuple) -> None:
     """Save ``tensors`` and the forward's extra outputs ``terms`` (row sums, sorted terms) for the backward; those
-    get no gradient, and none is materialised for them (nine zero fills per call otherwise)."""
+    get no gradient, and none is materialised for them (ten zero fills per call otherwise)."""
     ctx.save_for_backward(*tensors, *terms)
     ctx.mark_non_differentiable(*terms)
     ctx.set_materialize_grads(False)
@@ -229,41 +280,59 @@ def tau_gradient(tau: Tensor, tau_terms: Tensor) -> Tensor:
 
 
 def _apply_setup_context(ctx, inputs, output):
-    _scores, x, tau, descending, _, banded, backend = inputs
+    _scores, x, tau, mask, descending, _, banded, transpose, backend = inputs
     save_with_terms(ctx, (x, tau), output[1:])
     ctx.descending, ctx.banded, ctx.backend = descending, banded, backend
+    ctx.masked, ctx.transpose = mask is not None, transpose
 
 
-def _apply_backward(ctx, grad_out, *_):
-    if grad_out is None:  # grads are not materialised: nothing reached the output
-        return (None,) * 7
-    x, tau, norm, *terms = ctx.saved_tensors
-    need_tau = ctx.needs_input_grad[2]
-    d_scores, d_x, tau_terms = SortApplyBackward.apply(x, grad_out.contiguous(), norm, tau, *terms, ctx.descending,
-                                                       ctx.banded, ctx.backend, need_tau)
-    return (d_scores, d_x, tau_gradient(tau, tau_terms) if need_tau else None, None, None, None, None)
+def _apply_backward_for(name: str):
+    """The apply op's backward as the public function ``name`` runs it (``APPLY_BACKWARDS[name]``: its double
+    backward errors name that function). Looked up in a module-level dict: Dynamo traces globals, not closures."""
+
+    def backward(ctx, grad_out, *_):
+        if grad_out is None:  # grads are not materialised: nothing reached the output
+            return (None,) * 9
+        x, tau, norm, *terms = ctx.saved_tensors
+        need_tau = ctx.needs_input_grad[2]
+        d_scores, d_x, tau_terms = APPLY_BACKWARDS[name].apply(x, grad_out.contiguous(), norm, tau, *terms,
+                                                               ctx.descending, ctx.banded, ctx.backend, need_tau,
+                                                               ctx.masked, ctx.transpose)
+        return (d_scores, d_x, tau_gradient(tau, tau_terms) if need_tau else None, None, None, None, None, None,
+                None)
+
+    return backward
 
 
-sort_apply.register_autograd(_apply_backward, setup_context=_apply_setup_context)
-register_batch_vmap(sort_apply, "relaxed_sort_apply", batched=(0, 1), tau_index=2)
-register_batch_vmap(sort_apply_backward, "relaxed_sort_apply", batched=(0, 1, 2, *range(4, 12)), tau_index=3)
-SortApplyBackward = once_differentiable("relaxed_sort_apply", sort_apply_backward)
-SortApply = autograd_function("relaxed_sort_apply", sort_apply, _apply_setup_context, _apply_backward)
+# The public functions built on the apply op, by name: the errors for forward mode and double backward name them.
+_APPLY_NAMES = ("relaxed_sort_apply", "relaxed_sort", "relaxed_rank", "relaxed_topk")
+APPLY_BACKWARDS = {name: once_differentiable(name, sort_apply_backward) for name in _APPLY_NAMES}
+APPLY_FUNCTIONS = {name: autograd_function(name, sort_apply, _apply_setup_context, _apply_backward_for(name))
+                   for name in _APPLY_NAMES}
+SortApply = APPLY_FUNCTIONS["relaxed_sort_apply"]
+sort_apply.register_autograd(_apply_backward_for("relaxed_sort_apply"), setup_context=_apply_setup_context)
+register_batch_vmap(sort_apply, "relaxed_sort_apply", batched=(0, 1, 3), tau_index=2)
+register_batch_vmap(sort_apply_backward, "relaxed_sort_apply", batched=(0, 1, 2, *range(4, 13)), tau_index=3)
 
 
 # ------------------------------------------------------------------------------------------ materialised P_hat
 @torch.library.custom_op("triton_sort::matrix", mutates_args=())
 @without_autocast
-def sort_matrix(scores: Tensor, tau: Tensor, descending: bool, hard: bool, banded: bool,
-                backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(P_hat (B, n, n), *sorted terms); if ``hard``, the exact permutation matrix (stable for ties)."""
-    validate_data(scores, None, tau)
+def sort_matrix(scores: Tensor, tau: Tensor, mask: Tensor | None, descending: bool, hard: bool, banded: bool,
+                backend: str
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(P_hat (B, n, n), *sorted terms); if ``hard``, the exact permutation matrix (stable for ties). Padded lists
+    (``mask``): rows and columns of padding are 0."""
+    validate_data(scores, None, tau, mask)
     impl = BACKENDS[backend]
-    terms = impl.prepare(scores, tau, banded)
+    terms = impl.prepare(scores, tau, banded, None, mask)
     if hard:
-        order = hard_order(scores, descending)
-        out = torch.zeros(*scores.shape, scores.shape[-1], dtype=scores.dtype, device=scores.device).scatter_(
-            -1, order[..., None], 1.0)
+        order = hard_order(scores, descending, mask)
+        out = torch.zeros(*scores.shape, scores.shape[-1], dtype=scores.dtype, device=scores.device)
+        if mask is None:
+            out.scatter_(-1, order[..., None], 1.0)
+        else:  # padded ranks are zero rows
+            out.scatter_(-1, order[..., None], rank_mask(mask)[..., None].to(scores.dtype))
     else:
         out = impl.matrix_forward(terms, tau, descending, banded, scores.dtype)
         if not validation_enabled():  # a NaN-poisoned list (``poison_lists``) is NaN outside its windows too
@@ -272,30 +341,35 @@ def sort_matrix(scores: Tensor, tau: Tensor, descending: bool, hard: bool, bande
 
 
 @sort_matrix.register_fake
-def _(scores, tau, descending, hard, banded, backend):
+def _(scores, tau, mask, descending, hard, banded, backend):
     return (scores.new_empty((*scores.shape, scores.shape[-1])), *_fake_terms(scores, backend, banded))
 
 
 @torch.library.custom_op("triton_sort::matrix_backward", mutates_args=())
 @without_autocast
 def sort_matrix_backward(grad: Tensor, soft: Tensor, tau: Tensor, order: Tensor, t: Tensor, w: Tensor,
-                         count: Tensor, less: Tensor, not_greater: Tensor, descending: bool,
-                         need_tau: bool) -> tuple[Tensor, Tensor]:
+                         count: Tensor, less: Tensor, not_greater: Tensor, length: Tensor, descending: bool,
+                         need_tau: bool, masked: bool) -> tuple[Tensor, Tensor]:
     """(d_scores (B, n), tau terms (B,) or (B, 0)) from dL/dP_hat (B, n, n). O(n^2) like the matrix itself; the same
     for both backends. Entries outside the band are exactly 0 in ``soft``, so they get no gradient, as in the banded
-    forward."""
-    terms = SortedTerms(order, t, w, count, less, not_greater, order[:, :0], order[:, :0])
+    forward; so are padded rows and columns."""
+    terms = SortedTerms(order, t, w, count, less, not_greater, order[:, :0], order[:, :0], length, masked)
     work = torch.float64
     # Into sorted coordinates (row p, column m), where the weights are exp(-D_p(m) / tau) / l_p.
     index = order[:, None, :].expand_as(soft)
-    p = torch.gather(rows_to_output(soft, descending).to(work), 2, index)
-    g = torch.gather(rows_to_output(grad, descending).to(work), 2, index)
+    p = torch.gather(rows_to_output(soft, descending, terms).to(work), 2, index)
+    g = torch.gather(real_rows(rows_to_output(grad, descending, terms).to(work), terms), 2, index)
     # Renormalised in float64: rows summing to 1 up to the output dtype's rounding would rescale whole rows of dz,
-    # and d_scores sums rows whose contributions largely cancel.
-    p = p / p.sum(-1, keepdim=True)
+    # and d_scores sums rows whose contributions largely cancel. (Padded rows are all 0, and stay so.)
+    row_sums = p.sum(-1, keepdim=True)
+    p = p / (row_sums.clamp_(min=0.5) if masked else row_sums)
     dz = p * (g - (p * g).sum(-1, keepdim=True))
     n = order.shape[-1]
-    u = ((positions(n, order.device, 2, 1 - n)[:, None] - count[:, None, :]) * dz).sum(1)
+    if masked:
+        coefficient = positions(n, order.device, 2, 1)[None, :] - length[:, None]
+        u = ((coefficient[:, :, None] - count[:, None, :]) * dz).sum(1)
+    else:
+        u = ((positions(n, order.device, 2, 1 - n)[:, None] - count[:, None, :]) * dz).sum(1)
     d_scores = signed_sum_gradient(terms, u, dz.sum(1), tau, soft.dtype)
     if not need_tau:
         return d_scores, t.new_empty((t.shape[0], 0))
@@ -303,32 +377,33 @@ def sort_matrix_backward(grad: Tensor, soft: Tensor, tau: Tensor, order: Tensor,
 
 
 @sort_matrix_backward.register_fake
-def _(grad, soft, tau, order, t, w, count, less, not_greater, descending, need_tau):
+def _(grad, soft, tau, order, t, w, count, less, not_greater, length, descending, need_tau, masked):
     batch, n = order.shape
     return soft.new_empty((batch, n)), t.new_empty((batch,) if need_tau else (batch, 0))
 
 
 def _matrix_setup_context(ctx, inputs, output):
-    scores, tau, descending, hard, banded, backend = inputs
+    scores, tau, mask, descending, hard, banded, backend = inputs
     # The hard forward is a permutation: the relaxed matrix is recomputed for the straight-through gradient.
-    save_with_terms(ctx, (scores, tau, None if hard else output[0]), output[1:])
+    save_with_terms(ctx, (scores, tau, mask, None if hard else output[0]), output[1:])
     ctx.descending, ctx.hard, ctx.banded, ctx.backend = descending, hard, banded, backend
+    ctx.masked = mask is not None
 
 
 def _matrix_backward(ctx, grad, *_):
     if grad is None:
-        return (None,) * 6
-    scores, tau, soft, *terms = ctx.saved_tensors
+        return (None,) * 7
+    scores, tau, mask, soft, *terms = ctx.saved_tensors
     if ctx.hard:
-        soft = sort_matrix(scores, tau, ctx.descending, False, ctx.banded, ctx.backend)[0]
+        soft = sort_matrix(scores, tau, mask, ctx.descending, False, ctx.banded, ctx.backend)[0]
     need_tau = ctx.needs_input_grad[1]
-    d_scores, tau_terms = SortMatrixBackward.apply(grad.contiguous(), soft, tau, *terms[:6], ctx.descending,
-                                                   need_tau)
-    return d_scores, tau_gradient(tau, tau_terms) if need_tau else None, None, None, None, None
+    d_scores, tau_terms = SortMatrixBackward.apply(grad.contiguous(), soft, tau, *terms[:6], terms[8],
+                                                   ctx.descending, need_tau, ctx.masked)
+    return d_scores, tau_gradient(tau, tau_terms) if need_tau else None, None, None, None, None, None
 
 
 sort_matrix.register_autograd(_matrix_backward, setup_context=_matrix_setup_context)
-register_batch_vmap(sort_matrix, "relaxed_sort_matrix", batched=(0,), tau_index=1)
-register_batch_vmap(sort_matrix_backward, "relaxed_sort_matrix", batched=(0, 1, *range(3, 9)), tau_index=2)
+register_batch_vmap(sort_matrix, "relaxed_sort_matrix", batched=(0, 2), tau_index=1)
+register_batch_vmap(sort_matrix_backward, "relaxed_sort_matrix", batched=(0, 1, *range(3, 10)), tau_index=2)
 SortMatrixBackward = once_differentiable("relaxed_sort_matrix", sort_matrix_backward)
 SortMatrix = autograd_function("relaxed_sort_matrix", sort_matrix, _matrix_setup_context, _matrix_backward)

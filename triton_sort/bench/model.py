@@ -417,11 +417,14 @@ def run_model(items: list, workers: int | None = None) -> list[dict]:
 
 def variant_name(result: dict) -> str:
     """One row's kernel and launch configuration, e.g. 'apply_forward/m64n32w8s2', + '/multi_d' for d chunks,
-    '/tau' for the tau-gradient variant (apply_backward, finish), '/full' for prepare without bands."""
+    '/tau' for the tau-gradient variant (apply_backward, finish), '/transposed' for the column pass alone
+    (``P_hat^T @ v``), '/full' for prepare without bands, '/masked' for prepare of padded lists."""
     name = (f"{result['kernel']}/m{result['block_m']}n{result['block_n']}w{result['num_warps']}"
             f"s{result['num_stages']}")
     return (name + ("" if result.get("single_d_chunk", True) else "/multi_d")
-            + ("/tau" if result.get("need_tau", False) else "") + ("" if result.get("banded", True) else "/full"))
+            + ("/tau" if result.get("need_tau", False) else "")
+            + ("/transposed" if result.get("transposed", False) else "")
+            + ("" if result.get("banded", True) else "/full") + ("/masked" if result.get("masked", False) else ""))
 
 
 def rows_of(results: list[dict]) -> list[dict]:
