@@ -17,11 +17,11 @@ TRITON_DEVICE_OPS = 12
 TORCH_SMALL_DEVICE_OPS = 90
 
 
-def _counted_step(scores, x, backend, tau=1.0, validate=False):
+def _counted_step(scores, x, backend, tau=1.0, validate=False, **options):
     """Counts of one forward + backward of relaxed_sort_apply alone (inputs and cotangent made outside)."""
     s, v, grad = scores.clone().requires_grad_(), x.clone().requires_grad_(), torch.ones_like(x)
     with triton_sort.validation(validate), counting() as counts:
-        relaxed_sort_apply(s, v, tau, backend=backend).backward(grad)
+        relaxed_sort_apply(s, v, tau, backend=backend, **options).backward(grad)
     return counts
 
 
@@ -46,6 +46,13 @@ def test_triton_path_launches_and_syncs(kernels_not_run, batch, n, d):
     assert counts.host_syncs == 0 and counts.device_ops <= TRITON_DEVICE_OPS + 3, counts  # + the tau gradient
     counts = _counted_step(scores, x, "triton", validate=True)  # one read-back for all the data checks
     assert counts.host_syncs == 1, counts
+    # Padded lists: the sort key and the lengths, two operations more; the kernels take the lengths at run time.
+    mask = torch.rand(batch, n) < 0.7
+    counts = _counted_step(scores, x, "triton", mask=mask)
+    assert counts.host_syncs == 0 and counts.triton_launches == 5 and counts.device_ops <= TRITON_DEVICE_OPS + 2, counts
+    # P_hat^T @ v: forward = row sums + column pass; backward = forward kernel, row pass, column pass, finish.
+    counts = _counted_step(scores, x, "triton", transpose=True)
+    assert counts.host_syncs == 0 and counts.triton_launches == 7 and counts.device_ops <= TRITON_DEVICE_OPS + 4, counts
 
 
 @pytest.mark.parametrize(("batch", "n", "d"), [(1, 8, 1), (256, 8, 1), (64, 100, 1), (64, 100, 16), (16, 256, 1)])
@@ -56,6 +63,11 @@ def test_torch_small_problems_take_a_fixed_number_of_operations(batch, n, d):
     counts = _counted_step(scores, x, "torch")
     assert counts.host_syncs == 0, counts
     assert counts.device_ops <= TORCH_SMALL_DEVICE_OPS, counts
+    # Padded lists (their sort key, lengths and masked rows and columns) and P_hat^T @ v (a forward in its
+    # backward) cost more operations, still a fixed number and no synchronisation.
+    for options, extra in (({"mask": torch.rand(batch, n) < 0.7}, 45), ({"transpose": True}, 20)):
+        counts = _counted_step(scores, x, "torch", **options)
+        assert counts.host_syncs == 0 and counts.device_ops <= TORCH_SMALL_DEVICE_OPS + extra, (options, counts)
 
 
 @pytest.mark.parametrize("banded", [True, False])

@@ -26,7 +26,6 @@ from torch import Tensor
 from ._columns import (
     SortedTerms,
     band_threshold,
-    output_index,
     output_rows,
     positions,
     signed_sum,
@@ -157,7 +156,7 @@ def rows_to_output(values: Tensor, descending: bool, terms: SortedTerms | None =
         return values
     if terms is None or not terms.masked:
         return values.flip(1)
-    index = output_index(terms.length, terms.n)
+    index = terms.output_index()
     return torch.gather(values, 1, index.reshape(*index.shape, *([1] * (values.dim() - 2))).expand_as(values))
 
 
@@ -167,7 +166,7 @@ def real_rows(values: Tensor, terms: SortedTerms) -> Tensor:
     if not terms.masked:
         return values
     valid = terms.valid()
-    return values.masked_fill(~valid.reshape(*valid.shape, *([1] * (values.dim() - 2))), 0)
+    return torch.where(valid.reshape(*valid.shape, *([1] * (values.dim() - 2))), values, 0)
 
 
 # Problems with at most this many (batch, row, column) entries are evaluated in one go, densely in sorted
@@ -190,14 +189,13 @@ def _dense_weights(terms: SortedTerms, tau: Tensor, banded: bool, dtype: torch.d
     n = terms.n
     drop = dense_drops(terms.t, terms.w)
     outside = drop > band_threshold(n) * tau if banded else None
-    if terms.masked:  # padded rows and columns weigh 0
-        valid = terms.valid()
-        padded = ~(valid[:, :, None] & valid[:, None, :])
-        outside = padded if outside is None else outside.logical_or_(padded)
     logits = drop.div(tau) if keep_drop else drop.div_(tau)
     logits.neg_()
     if outside is not None:
         logits.masked_fill_(outside, float("-inf"))
+    if terms.masked:  # padded rows and columns weigh 0
+        valid = terms.valid()
+        logits = torch.where(valid[:, :, None] & valid[:, None, :], logits, float("-inf"))
     return logits.to(dtype).exp_(), (drop if keep_drop else None)
 
 
@@ -210,7 +208,7 @@ def list_poison(values: Tensor, mask: Tensor | None = None) -> Tensor:
     """0 per list, NaN for a list with a non-finite entry among the real ones (``mask`` (B, n) True; all if None):
     values (B, n) or (B, n, d) -> (B,) float64."""
     if mask is not None:
-        values = values.masked_fill(~mask.reshape(*mask.shape, *([1] * (values.dim() - 2))), 0)
+        values = torch.where(mask.reshape(*mask.shape, *([1] * (values.dim() - 2))), values, 0)
     return values.sum(tuple(range(1, values.dim())), dtype=torch.float64).mul_(0)
 
 
@@ -401,7 +399,7 @@ class TritonBackend:
         """Always folds ``poison_lists`` into t (in the kernel, for free)."""
         from .kernels import launch
 
-        key = scores.detach() if mask is None else scores.detach().masked_fill(~mask, float("inf"))
+        key = scores.detach() if mask is None else torch.where(mask, scores.detach(), float("inf"))
         sorted_scores, order = torch.sort(key, dim=-1, stable=True)
         lengths = None if mask is None else mask.sum(-1)
         x = values.detach().contiguous() if values is not None else None

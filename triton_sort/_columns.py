@@ -66,8 +66,18 @@ class SortedTerms:
         return tuple(getattr(self, name) for name in TENSOR_FIELDS)
 
     def valid(self) -> Tensor:
-        """(B, n) bool: sorted position p holds a real item (p < length)."""
-        return index_positions(self.n, self.t.device)[None, :] < self.length[:, None]
+        """(B, n) bool: sorted position p holds a real item (p < length). Computed once per terms object."""
+        cached = self.__dict__.get("_valid")
+        if cached is None:
+            cached = self.__dict__["_valid"] = index_positions(self.n, self.t.device)[None, :] < self.length[:, None]
+        return cached
+
+    def output_index(self) -> Tensor:
+        """``output_index(length, n)``, computed once per terms object."""
+        cached = self.__dict__.get("_output_index")
+        if cached is None:
+            cached = self.__dict__["_output_index"] = output_index(self.length, self.n)
+        return cached
 
 
 TENSOR_FIELDS = tuple(field.name for field in dataclasses.fields(SortedTerms) if field.name != "masked")
@@ -104,12 +114,12 @@ def sorted_terms(scores: Tensor, tau: float | Tensor, banded: bool = True, windo
         searched = t
     else:
         # Padding sorts last (a real NaN/inf, possible with validation off, poisons its list anyway).
-        key, order = torch.sort(s.masked_fill(~mask, float("inf")), dim=-1, stable=True)
+        key, order = torch.sort(torch.where(mask, s, float("inf")), dim=-1, stable=True)
         length = mask.sum(-1)
         valid = index_positions(n, s.device)[None, :] < length[:, None]
         median = torch.gather(key, 1, (length // 2).clamp(max=max(n - 1, 0))[:, None]) if n else key
         t = torch.where(valid, key - median, 0.0)
-        searched = t.masked_fill(~valid, float("inf"))  # tie counts among the real items only
+        searched = torch.where(valid, t, float("inf"))  # tie counts among the real items only
     gaps = torch.diff(t, dim=-1)
     w = torch.nn.functional.pad(torch.cumsum(positions(n - 1, s.device) * gaps, dim=-1), (1, 0)) if n else t.clone()
     less = torch.searchsorted(searched, searched, right=False)
@@ -117,11 +127,13 @@ def sorted_terms(scores: Tensor, tau: float | Tensor, banded: bool = True, windo
     if mask is None:
         count = (less + not_greater).to(torch.float64).sub_(n)
     else:
-        less, not_greater = less.masked_fill(~valid, 0), not_greater.masked_fill(~valid, n)
+        less, not_greater = torch.where(valid, less, 0), torch.where(valid, not_greater, n)
         count = (less + not_greater - length[:, None]).to(torch.float64)
     # Distinct empty tensors: a custom op's outputs may not alias each other.
     terms = SortedTerms(order, t, w, count, less, not_greater, lower=order.new_empty((batch, 0)),
                         upper=order.new_empty((batch, 0)), length=length, masked=mask is not None)
+    if mask is not None:
+        terms.__dict__["_valid"] = valid
     if not windows:
         return terms
     rows = torch.arange(n, device=s.device).expand(batch, n)

@@ -485,7 +485,17 @@ def _kernel_paths():
          True),
         ("matrix", lambda s, x, tau: relaxed_sort_matrix(s, tau, backend="triton"), False),
         ("topk", lambda s, x, tau: relaxed_topk(s, max(1, s.shape[-1] // 3), tau, backend="triton"), False),
+        ("apply_transposed", lambda s, x, tau: relaxed_sort_apply(s, x, tau, transpose=True, backend="triton"), True),
+        ("apply_masked", lambda s, x, tau: relaxed_sort_apply(s, x, tau, mask=_fixed_mask(s), backend="triton"),
+         True),
     )
+
+
+def _fixed_mask(scores):
+    """Padded lists for the correctness step: every third item is padding (the same positions in every list)."""
+    import torch
+
+    return (torch.arange(scores.shape[-1], device=scores.device) % 3 != 2).expand(scores.shape)
 
 
 def _reference_paths():
@@ -496,7 +506,17 @@ def _reference_paths():
         k = max(1, s.shape[-1] // 3)
         return dense_sort_matrix(s, tau)[..., :k, :].sum(-2)
 
-    return {"apply_banded": lambda s, x, tau: dense_sort_apply(s, x, tau),
+    def masked(s, x, tau):
+        import torch
+
+        real = _fixed_mask(s)[0].nonzero()[:, 0]
+        compact = dense_sort_apply(s[..., real], x[..., real, :], tau)
+        return torch.cat([compact, compact.new_zeros(*compact.shape[:-2], s.shape[-1] - len(real),
+                                                     compact.shape[-1])], dim=-2)
+
+    return {"apply_transposed": lambda s, x, tau: dense_sort_matrix(s, tau).transpose(-1, -2) @ x,
+            "apply_masked": masked,
+            "apply_banded": lambda s, x, tau: dense_sort_apply(s, x, tau),
             "apply_dense": lambda s, x, tau: dense_sort_apply(s, x, tau),
             "apply_ascending": lambda s, x, tau: dense_sort_apply(s, x, tau, descending=False),
             "matrix": lambda s, x, tau: dense_sort_matrix(s, tau), "topk": topk}
