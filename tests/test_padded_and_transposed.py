@@ -330,3 +330,13 @@ def test_masked_call_compiles_without_graph_breaks():
     expected = (relaxed_sort_apply(scores, x, TAU, mask=mask) ** 2).sum() + relaxed_rank(scores, TAU, mask=mask).sum()
     torch.testing.assert_close(value, expected)
     assert (scores.grad[~mask] == 0).all()
+
+
+def test_neuralsort_module_takes_a_mask():
+    from triton_sort import NeuralSort
+
+    mask = random_mask(3, 8, seed=10)
+    scores, x = torch.randn(3, 8), torch.randn(3, 8, 2)
+    layer = NeuralSort(0.3)
+    torch.testing.assert_close(layer(scores, x, mask=mask), relaxed_sort_apply(scores, x, 0.3, mask=mask))
+    torch.testing.assert_close(layer(scores, mask=mask), relaxed_sort_matrix(scores, 0.3, mask=mask))

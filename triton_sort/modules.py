@@ -72,8 +72,9 @@ class _WithTau(nn.Module):
 
 
 class NeuralSort(_WithTau):
-    """Relaxed sort layer: ``forward(scores)`` returns ``P_hat`` (``(n, n)`` or ``(B, n, n)``),
-    ``forward(scores, x)`` returns ``P_hat @ x`` without materialising ``P_hat`` (see ``relaxed_sort_apply``).
+    """Relaxed sort layer: ``forward(scores)`` returns ``P_hat`` (``(..., n, n)`` for scores ``(..., n)``),
+    ``forward(scores, x)`` returns ``P_hat @ x`` without materialising ``P_hat`` (see ``relaxed_sort_apply``);
+    ``forward(..., mask=mask)`` for padded lists.
 
     ``tau`` is a 0-d float64 buffer (in ``state_dict``; ``module.tau = 0.5`` updates it in place), or a parameter
     with ``learn_tau=True`` or when an ``nn.Parameter`` is given (see ``_WithTau``); it reaches the functional API as
@@ -96,9 +97,10 @@ class NeuralSort(_WithTau):
         self.hard = hard
         self.stochastic = stochastic
 
-    def forward(self, scores: Tensor, x: Tensor | None = None) -> Tensor:
+    def forward(self, scores: Tensor, x: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        """``P_hat`` (``(..., n, n)``) or ``P_hat @ x``; ``mask``: padded lists (see ``relaxed_sort_apply``)."""
         scores = _perturb(scores, self.stochastic, self.training)
-        options = dict(descending=self.descending, hard=self.hard, backend=self.backend)
+        options = dict(descending=self.descending, hard=self.hard, backend=self.backend, mask=mask)
         if x is None:
             return relaxed_sort_matrix(scores, self.tau, **options)
         return relaxed_sort_apply(scores, x, self.tau, **options)
