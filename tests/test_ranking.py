@@ -141,6 +141,20 @@ def test_compiles_without_graph_breaks():
         torch.testing.assert_close(compiled(scores, tau), fn(scores, tau), atol=FORMS_TOL, rtol=0)
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_triton_backend_matches_torch(evaluation, transposed):
+    """The kernels (Triton's interpreter on CPU) give the PyTorch path's values and gradients, fp32."""
+    scores, relevance, mask = padded_batch(lists=4, n=6, dtype=torch.float32, seed=14)
+    results = []
+    for backend in ("torch", "triton"):
+        s = scores.clone().requires_grad_()
+        value = neural_ndcg(s, relevance, 0.5, mask=mask, transposed=transposed, sinkhorn_iters=3, backend=backend)
+        (grad,) = torch.autograd.grad(value, s)
+        results.append((value, grad))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=FP32_TOL, rtol=0)
+    torch.testing.assert_close(results[1][1], results[0][1], atol=10 * FP32_TOL, rtol=0)
+
+
 def test_without_mask_and_batch_shapes():
     scores, relevance, _ = padded_batch(lists=6, n=8, seed=3)
     relevance = relevance.clamp(min=0)
@@ -302,11 +316,11 @@ def test_memory_probe_sees_a_dense_matrix():
     assert largest_allocation(lambda: torch.ones(n, 1) @ torch.ones(1, n)) >= 4 * n * n
 
 
-@pytest.mark.parametrize(("transposed", "iters"), [(False, 0), (True, 0), (False, 2), (True, 2)])
+@pytest.mark.parametrize(("transposed", "iters"), [(False, 0), (True, 0), (False, 1), (True, 1)])
 def test_no_n_by_n_matrix(transposed, iters):
-    """Streaming, with or without Sinkhorn: no operator allocates anything near n x n. (n = 8192 is past the PyTorch
+    """Streaming, with or without Sinkhorn: no operator allocates anything near n x n. (n = 6144 is past the PyTorch
     path's one-shot size, 2^22 entries, below which the backend itself evaluates a dense block by design.)"""
-    n = 8192
+    n = 6144
     gen = torch.Generator().manual_seed(9)
     scores = torch.randn(1, n, generator=gen, requires_grad=True)
     relevance = torch.randint(0, 3, (1, n), generator=gen)
@@ -316,7 +330,7 @@ def test_no_n_by_n_matrix(transposed, iters):
         neural_ndcg(scores, relevance, 0.05, mask=mask, transposed=transposed, sinkhorn_iters=iters,
                     sinkhorn_tol=1e-300, backend="torch").backward()
 
-    assert largest_allocation(step) < 4 * n * n / 16  # one fp32 n x n is 256 MiB; the chunks are a few MiB
+    assert largest_allocation(step) < 4 * n * n / 16  # one fp32 n x n is 144 MiB; the chunks are 2 MiB
     assert torch.isfinite(scores.grad).all() and torch.all(scores.grad[~mask] == 0)
 
 
@@ -391,14 +405,20 @@ def test_ndcg_bad_arguments(kwargs, error, name):
         ndcg(call.pop("scores"), call.pop("relevance"), call.pop("k"), **call)
 
 
-def test_padded_relevance_and_scores_are_not_checked():
-    scores, relevance, mask = _args()
-    mask[0, 1] = False
+def test_padded_relevance_and_scores_are_ignored(evaluation):
+    scores, relevance, mask = padded_batch(seed=13)
     relevance = relevance.double()
-    relevance[0, 1] = math.nan
-    assert torch.isfinite(neural_ndcg(scores, relevance, 1.0, mask=mask, backend="torch"))
-    scores[0, 1] = math.inf
-    assert torch.isfinite(ndcg(scores, relevance, mask=mask))
+    want = neural_ndcg(scores, relevance, 1.0, mask=mask, reduction="none", backend="torch")
+    relevance[~mask] = math.nan
+    scores = torch.where(mask, scores, torch.tensor(math.nan, dtype=torch.float64)).requires_grad_()
+    for transposed, iters in itertools.product((False, True), (0, 50)):
+        got = neural_ndcg(scores, relevance, 1.0, mask=mask, transposed=transposed, sinkhorn_iters=iters,
+                          reduction="none", backend="torch")
+        if iters == 50:
+            torch.testing.assert_close(got, want, atol=FORMS_TOL, rtol=0)
+        (grad,) = torch.autograd.grad(got.sum(), scores)
+        assert torch.isfinite(grad).all() and torch.all(grad[~mask] == 0)
+    assert torch.isfinite(ndcg(scores, relevance, mask=mask, reduction="none")).all()
 
 
 def test_exported():
