@@ -5,6 +5,7 @@ from ._validation import set_validation, validation, validation_enabled
 from .api import relaxed_rank, relaxed_sort, relaxed_sort_apply, relaxed_sort_matrix
 from .applications import relaxed_quantile, relaxed_topk
 from .modules import DifferentiableKNN, NeuralSort
+from .ranking import ndcg, neural_ndcg
 from .stochastic import PlackettLuce, reinforce_loss
 
 __version__ = "0.1.0"
@@ -14,6 +15,8 @@ __all__ = [
     "NeuralSort",
     "PlackettLuce",
     "__version__",
+    "ndcg",
+    "neural_ndcg",
     "reinforce_loss",
     "relaxed_quantile",
     "relaxed_rank",
