@@ -90,3 +90,18 @@ def test_torch_one_shot_and_chunked_paths_agree(monkeypatch, banded):
                         relaxed_topk(scores, 5, 0.3, banded=banded, backend="torch")))
     for one_shot, chunked in zip(*results, strict=True):
         torch.testing.assert_close(one_shot, chunked, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_saved_one_shot_weights_serve_every_backward(dtype, transpose):
+    """The one-shot forward saves its weights for the backward: a second backward (retain_graph) must find them
+    untouched, and both must equal the backward that recomputes them (the chunked path's)."""
+    scores = torch.randn(4, 30, dtype=dtype, requires_grad=True)
+    x = torch.randn(4, 30, 3, dtype=dtype, requires_grad=True)
+    grad = torch.randn(4, 30, 3, dtype=dtype)
+    out = relaxed_sort_apply(scores, x, 0.4, transpose=transpose, backend="torch")
+    first = torch.autograd.grad(out, (scores, x), grad, retain_graph=True)
+    second = torch.autograd.grad(out, (scores, x), grad)
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

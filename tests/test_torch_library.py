@@ -60,10 +60,11 @@ def test_opcheck_backward_ops(backend, need_tau, masked, transpose):
     scores = torch.randn(3, 9, dtype=dtype, device=DEVICE)
     x = torch.randn(3, 9, 3, dtype=dtype, device=DEVICE)
     mask = _mask(3, 9) if masked else None
-    out, norm, *terms = torch.ops.triton_sort.apply(scores, x, _tau(), mask, True, False, True, transpose, backend)
+    out, norm, weights, *terms = torch.ops.triton_sort.apply(scores, x, _tau(), mask, True, False, True, transpose,
+                                                             backend)
     torch.library.opcheck(torch.ops.triton_sort.apply_backward.default,
-                          (x, torch.randn_like(out), norm, _tau(), *terms, True, True, backend, need_tau, masked,
-                           transpose),
+                          (x, torch.randn_like(out), norm, weights, _tau(), *terms, True, True, backend, need_tau,
+                           masked, transpose),
                           test_utils=("test_schema", "test_faketensor"))
     soft, *terms = torch.ops.triton_sort.matrix(scores, _tau(), mask, True, False, True, backend)
     torch.library.opcheck(torch.ops.triton_sort.matrix_backward.default,

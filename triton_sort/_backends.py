@@ -179,7 +179,7 @@ DENSE_ELEMENTS = 1 << 22
 def dense_drops(t: Tensor, w: Tensor) -> Tensor:
     """D_p(m) = (2p - 1)(t_p - t_m) - 2 (W_p - W_m) for every (p, m): (B, n, n) float64 from t, w (B, n)."""
     drop = (t[:, :, None] - t[:, None, :]).mul_(positions(t.shape[-1], t.device, 2, -1)[:, None])
-    return drop.sub_((w[:, :, None] - w[:, None, :]).mul_(2))
+    return drop.sub_(w[:, :, None] - w[:, None, :], alpha=2)
 
 
 def _dense_weights(terms: SortedTerms, tau: Tensor, banded: bool, dtype: torch.dtype,
@@ -189,8 +189,8 @@ def _dense_weights(terms: SortedTerms, tau: Tensor, banded: bool, dtype: torch.d
     n = terms.n
     drop = dense_drops(terms.t, terms.w)
     outside = drop > band_threshold(n) * tau if banded else None
-    logits = drop.div(tau) if keep_drop else drop.div_(tau)
-    logits.neg_()
+    neg_inv_tau = tau.reciprocal().neg_()  # one pass over the (B, n, n) drops instead of a division and a negation
+    logits = drop.mul(neg_inv_tau) if keep_drop else drop.mul_(neg_inv_tau)
     if outside is not None:
         logits.masked_fill_(outside, float("-inf"))
     if terms.masked:  # padded rows and columns weigh 0
@@ -291,42 +291,53 @@ class TorchBackend:
             out[:, out_row[p0:p1]] = block.scatter_add_(2, input_cols, weights).to(dtype)
         return rows_to_output(out, descending, terms) if terms.masked else out
 
-    def apply_forward(self, terms: SortedTerms, x: Tensor, tau: Tensor, descending: bool,
-                      banded: bool) -> tuple[Tensor, Tensor]:
+    def saves_weights(self, batch: int, n: int) -> bool:
+        """Whether the forward returns its weights for the backward (the one-shot evaluation: at most
+        DENSE_ELEMENTS of them, 16 MiB in fp32) instead of an empty tensor."""
+        return self.dense(batch, n)
+
+    def _dense_forward(self, terms: SortedTerms, tau: Tensor, banded: bool, work: torch.dtype,
+                       weights: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The one-shot weights exp(-D / tau) (B, n, n) (``weights`` if the forward saved them) and their row sums in
+        float64 (a row's rounding error would rescale all of its dz in the backward, and d_scores is a sum over rows
+        whose contributions largely cancel); padded rows sum to 1."""
+        if weights is None or weights.numel() == 0:
+            # Every column, banded or not: skipping the band's columns saves no work here, and what they weigh
+            # (< e^-30 of each row, about 1e-13) is within the band's own bound (two passes fewer).
+            weights, _ = _dense_weights(terms, tau, False, work)
+        norm = weights.sum(-1, dtype=torch.float64)
+        return weights, (norm.clamp_(min=1.0) if terms.masked else norm)
+
+    def apply_forward(self, terms: SortedTerms, x: Tensor, tau: Tensor, descending: bool, banded: bool,
+                      weights: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, n, d) in input order -> (P_hat @ x (B, n, d) by output row, row sums (B, n) float64 by sorted row;
-        padded rows: 0 and 1)."""
+        padded rows: 0 and 1, and the one-shot weights for the backward, or an empty tensor; ``weights``: those of
+        an earlier forward)."""
         work = compute_dtype(x.dtype)
         batch, n, d = x.shape
         xw = real_rows(to_sorted(x, terms.order).to(work), terms)
         if self.dense(batch, n):
-            weights, _ = _dense_weights(terms, tau, banded, work)
-            # The row sums are kept in float64: a row's rounding error rescales all of its dz in the backward, and
-            # d_scores is a sum over rows whose contributions largely cancel.
-            norm = weights.sum(-1, dtype=torch.float64)
-            if terms.masked:
-                norm.clamp_(min=1.0)
+            weights, norm = self._dense_forward(terms, tau, banded, work, weights)
             out = torch.bmm(weights, xw).div_(norm[..., None])
-            return rows_to_output(out, descending, terms).to(x.dtype), norm
+            return rows_to_output(out, descending, terms).to(x.dtype), norm, weights
         out = torch.empty((batch, n, d), device=x.device, dtype=x.dtype)
         norm = torch.empty((batch, n), device=x.device, dtype=torch.float64)
         for p0, p1, total, args in self._chunks(terms, tau, d):
             y, norm[:, p0:p1] = _chunk_function("forward", _forward_chunk, total)(*args, xw)
             out[:, p0:p1] = y.to(x.dtype)
-        return rows_to_output(out, descending, terms), norm
+        return rows_to_output(out, descending, terms), norm, x.new_empty(0, dtype=work)
 
     def apply_transposed(self, terms: SortedTerms, v: Tensor, tau: Tensor, descending: bool,
-                         banded: bool) -> tuple[Tensor, Tensor]:
-        """v (B, n, d) by output row -> (P_hat^T @ v (B, n, d) by input item, row sums (B, n) float64)."""
+                         banded: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """v (B, n, d) by output row -> (P_hat^T @ v (B, n, d) by input item, row sums (B, n) float64, the one-shot
+        weights or an empty tensor)."""
         work = compute_dtype(v.dtype)
         batch, n, d = v.shape
         v_rows = real_rows(rows_to_output(v, descending, terms).to(work), terms)
         if self.dense(batch, n):
-            weights, _ = _dense_weights(terms, tau, banded, work)
-            norm = weights.sum(-1, dtype=torch.float64)
-            if terms.masked:
-                norm.clamp_(min=1.0)
+            weights, norm = self._dense_forward(terms, tau, banded, work, None)
             out = torch.bmm(weights.transpose(1, 2), v_rows / norm[..., None].to(work))
-            return from_sorted(out, terms.order).to(v.dtype), norm
+            return from_sorted(out, terms.order).to(v.dtype), norm, weights
         out = torch.zeros((batch, n, d), device=v.device, dtype=work)
         norm = torch.empty((batch, n), device=v.device, dtype=torch.float64)
         for p0, p1, _, args in self._chunks(terms, tau, d):
@@ -335,12 +346,14 @@ class TorchBackend:
             scaled = v_rows[:, p0:p1] / norm[:, p0:p1, None].to(work)
             out.scatter_add_(1, cols.flatten(1)[..., None].expand(-1, -1, d),
                              (weights[..., None] * scaled[:, :, None, :]).flatten(1, 2))
-        return from_sorted(out, terms.order).to(v.dtype), norm
+        return from_sorted(out, terms.order).to(v.dtype), norm, v.new_empty(0, dtype=work)
 
     def apply_backward(self, terms: SortedTerms, x: Tensor, grad: Tensor, norm: Tensor, tau: Tensor,
-                       descending: bool, banded: bool, need_tau: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+                       descending: bool, banded: bool, need_tau: bool, weights: Tensor | None = None
+                       ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Gradients of P_hat @ x: (d_scores (B, n), d_x (B, n, d), both in input order, and
         sum_pm dz_pm D_p(m) per batch row (B,) float64 when ``need_tau``, else None). grad: (B, n, d) by output row.
+        ``weights``: the one-shot forward's (else recomputed).
 
         Delta_p = sum_m P_pm (g_p . x_m) is recomputed from the very weights dz uses (per chunk of whole rows)."""
         work = compute_dtype(x.dtype)
@@ -348,20 +361,21 @@ class TorchBackend:
         x64 = real_rows(to_sorted(x, terms.order).to(torch.float64), terms)
         g64 = real_rows(rows_to_output(grad, descending, terms).to(torch.float64), terms)
         if self.dense(batch, n):
-            weights, drop = _dense_weights(terms, tau, banded, work, keep_drop=need_tau)
-            p = weights.to(torch.float64).div_(norm[..., None])
+            if weights is None or weights.numel() == 0:
+                weights, _ = _dense_weights(terms, tau, False, work)  # as the one-shot forward (_dense_forward)
+            p = weights.to(torch.float64).div(norm[..., None])  # never in place: the weights are the forward's
             gx = torch.bmm(g64, x64.transpose(1, 2))
             dz = gx.sub_((p * gx).sum(-1, keepdim=True)).mul_(p)
             dx = torch.bmm(p.transpose(1, 2), g64)
             r = dz.sum(1)
-            # Centred form: c_p - cnt_m is small near the peak, so no two large sums cancel.
+            # u_m = sum_p (c_p - cnt_m) dz_pm = (c^T dz)_m - cnt_m r_m, c_p = 2p + 1 - m: in float64 the two terms
+            # lose at most log10(n) of 16 digits to cancellation.
             if terms.masked:
                 coefficient = positions(n, x.device, 2, 1)[None, :] - terms.length[:, None]
-                centred = coefficient[:, :, None] - terms.count[:, None, :]
             else:
-                centred = positions(n, x.device, 2, 1 - n)[:, None] - terms.count[:, None, :]
-            u = centred.mul_(dz).sum(1)
-            tau_terms = (dz * drop).sum((1, 2)) if need_tau else None
+                coefficient = positions(n, x.device, 2, 1 - n)[None, :].expand(batch, n)
+            u = torch.bmm(coefficient[:, None, :], dz)[:, 0].sub_(terms.count * r)
+            tau_terms = (dz * dense_drops(terms.t, terms.w)).sum((1, 2)) if need_tau else None
         else:
             dx = torch.zeros((batch, n, d), device=x.device, dtype=torch.float64)
             u = torch.zeros((batch, n), device=x.device, dtype=torch.float64)
@@ -418,24 +432,32 @@ class TritonBackend:
         return launch.matrix_forward(**self._windowed(terms), tau=tau.reshape(1), descending=descending,
                                      out_dtype=dtype)
 
-    def apply_forward(self, terms: SortedTerms, x: Tensor, tau: Tensor, descending: bool,
-                      banded: bool) -> tuple[Tensor, Tensor]:
+    @staticmethod
+    def saves_weights(batch: int, n: int) -> bool:
+        return False
+
+    def apply_forward(self, terms: SortedTerms, x: Tensor, tau: Tensor, descending: bool, banded: bool,
+                      weights: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(out, row sums, an empty tensor: the kernels save no weights)."""
         from .kernels import launch
 
-        return launch.apply_forward(**self._windowed(terms), x=x.contiguous(), tau=tau.reshape(1),
-                                    descending=descending)
+        out, norm = launch.apply_forward(**self._windowed(terms), x=x.contiguous(), tau=tau.reshape(1),
+                                         descending=descending)
+        return out, norm, x.new_empty(0, dtype=torch.float32)
 
     def apply_transposed(self, terms: SortedTerms, v: Tensor, tau: Tensor, descending: bool,
-                         banded: bool) -> tuple[Tensor, Tensor]:
+                         banded: bool) -> tuple[Tensor, Tensor, Tensor]:
         """The row sums (the forward kernel with no values), then the column pass without the scores' terms."""
         from .kernels import launch
 
         windowed, tau = self._windowed(terms), tau.reshape(1)
         _, norm = launch.apply_forward(**windowed, x=v.new_empty((*v.shape[:2], 0)), tau=tau, descending=descending)
-        return launch.apply_transposed(**windowed, v=v.contiguous(), norm=norm, tau=tau, descending=descending), norm
+        out = launch.apply_transposed(**windowed, v=v.contiguous(), norm=norm, tau=tau, descending=descending)
+        return out, norm, v.new_empty(0, dtype=torch.float32)
 
     def apply_backward(self, terms: SortedTerms, x: Tensor, grad: Tensor, norm: Tensor, tau: Tensor,
-                       descending: bool, banded: bool, need_tau: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+                       descending: bool, banded: bool, need_tau: bool, weights: Tensor | None = None
+                       ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Two passes over the tiles, as the column pass needs each row's Delta (a row pass first), then the
         scores gradient from the column sums (``finish``)."""
         from .kernels import launch

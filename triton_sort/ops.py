@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ._backends import (
     BACKENDS,
+    compute_dtype,
     dense_drops,
     list_poison,
     poison_lists,
@@ -209,10 +210,12 @@ def register_batch_vmap(op, name: str, batched: tuple[int, ...], tau_index: int)
 @without_autocast
 def sort_apply(scores: Tensor, x: Tensor, tau: Tensor, mask: Tensor | None, descending: bool, hard: bool,
                banded: bool, transpose: bool, backend: str
-               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (out, norm, *sorted terms): out = P_hat @ x by output row (``transpose``: P_hat^T @ x, x by output
-    row, out by item; ``hard``: the exact permutation instead); norm = the row sums in sorted order (float64); the
-    terms (``TERM_FIELDS``) for the backward. ``mask`` (B, n) bool: padded lists (True for a real item)."""
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                          Tensor]:
+    """Returns (out, norm, weights, *sorted terms): out = P_hat @ x by output row (``transpose``: P_hat^T @ x, x by
+    output row, out by item; ``hard``: the exact permutation instead); norm = the row sums in sorted order
+    (float64); weights = the PyTorch path's one-shot exp(-D / tau) (B, n, n) or an empty tensor; the terms
+    (``TERM_FIELDS``) for the backward. ``mask`` (B, n) bool: padded lists (True for a real item)."""
     value_mask = rank_mask(mask) if transpose and mask is not None else mask
     validate_data(scores, x, tau, mask, value_mask)
     impl = BACKENDS[backend]
@@ -221,23 +224,26 @@ def sort_apply(scores: Tensor, x: Tensor, tau: Tensor, mask: Tensor | None, desc
     if transpose:
         if not validation_enabled():
             terms.t.add_(list_poison(x, value_mask)[:, None])
-        out, norm = impl.apply_transposed(terms, x, tau, descending, banded)
+        out, norm, weights = impl.apply_transposed(terms, x, tau, descending, banded)
     else:
-        out, norm = impl.apply_forward(terms, x, tau, descending, banded)
+        out, norm, weights = impl.apply_forward(terms, x, tau, descending, banded)
     if hard:
         out = _hard_apply(scores, x, descending, mask, transpose)
-    return (out, norm, *terms.tensors())
+    return (out, norm, weights, *terms.tensors())
 
 
 @sort_apply.register_fake
 def _(scores, x, tau, mask, descending, hard, banded, transpose, backend):
+    batch, n = scores.shape
+    weights = (batch, n, n) if BACKENDS[backend].saves_weights(batch, n) else (0,)
     return (torch.empty_like(x), scores.new_empty(scores.shape, dtype=torch.float64),
-            *_fake_terms(scores, backend, banded))
+            x.new_empty(weights, dtype=compute_dtype(x.dtype)), *_fake_terms(scores, backend, banded))
 
 
 @torch.library.custom_op("triton_sort::apply_backward", mutates_args=())
 @without_autocast
-def sort_apply_backward(x: Tensor, grad: Tensor, norm: Tensor, tau: Tensor, order: Tensor, t: Tensor, w: Tensor,
+def sort_apply_backward(x: Tensor, grad: Tensor, norm: Tensor, weights: Tensor, tau: Tensor, order: Tensor,
+                        t: Tensor, w: Tensor,
                         count: Tensor, less: Tensor, not_greater: Tensor, lower: Tensor, upper: Tensor,
                         length: Tensor, descending: bool, banded: bool, backend: str, need_tau: bool, masked: bool,
                         transpose: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -246,22 +252,25 @@ def sort_apply_backward(x: Tensor, grad: Tensor, norm: Tensor, tau: Tensor, orde
     ``dL/dtau`` is their sum over ``tau^2``.
 
     ``transpose`` (the op P_hat^T @ v, x = v by rank, grad = w by item): w . P^T v = v . P w is P_hat @ w contracted
-    with v, so d_v = P_hat @ w and d_scores is the plain backward with x = w and output gradient v."""
+    with v, so d_v = P_hat @ w and d_scores is the plain backward with x = w and output gradient v. ``weights``: the
+    forward's one-shot weights (or an empty tensor: recomputed tile by tile)."""
     terms = SortedTerms(order, t, w, count, less, not_greater, lower, upper, length, masked)
     impl = BACKENDS[backend]
     if transpose:
-        d_x = impl.apply_forward(terms, grad, tau, descending, banded)[0]
-        d_scores, _, tau_terms = impl.apply_backward(terms, grad, x, norm, tau, descending, banded, need_tau)
+        d_x = impl.apply_forward(terms, grad, tau, descending, banded, weights)[0]
+        d_scores, _, tau_terms = impl.apply_backward(terms, grad, x, norm, tau, descending, banded, need_tau,
+                                                     weights)
     else:
-        d_scores, d_x, tau_terms = impl.apply_backward(terms, x, grad, norm, tau, descending, banded, need_tau)
+        d_scores, d_x, tau_terms = impl.apply_backward(terms, x, grad, norm, tau, descending, banded, need_tau,
+                                                       weights)
     if tau_terms is None:
         tau_terms = norm.new_empty((norm.shape[0], 0))
     return d_scores, d_x, tau_terms
 
 
 @sort_apply_backward.register_fake
-def _(x, grad, norm, tau, order, t, w, count, less, not_greater, lower, upper, length, descending, banded, backend,
-      need_tau, masked, transpose):
+def _(x, grad, norm, weights, tau, order, t, w, count, less, not_greater, lower, upper, length, descending, banded,
+      backend, need_tau, masked, transpose):
     batch, n = norm.shape
     return (x.new_empty((batch, n)), torch.empty_like(x), norm.new_empty((batch,) if need_tau else (batch, 0)))
 
@@ -293,9 +302,9 @@ def _apply_backward_for(name: str):
     def backward(ctx, grad_out, *_):
         if grad_out is None:  # grads are not materialised: nothing reached the output
             return (None,) * 9
-        x, tau, norm, *terms = ctx.saved_tensors
+        x, tau, norm, weights, *terms = ctx.saved_tensors
         need_tau = ctx.needs_input_grad[2]
-        d_scores, d_x, tau_terms = APPLY_BACKWARDS[name].apply(x, grad_out.contiguous(), norm, tau, *terms,
+        d_scores, d_x, tau_terms = APPLY_BACKWARDS[name].apply(x, grad_out.contiguous(), norm, weights, tau, *terms,
                                                                ctx.descending, ctx.banded, ctx.backend, need_tau,
                                                                ctx.masked, ctx.transpose)
         return (d_scores, d_x, tau_gradient(tau, tau_terms) if need_tau else None, None, None, None, None, None,
@@ -312,7 +321,7 @@ APPLY_FUNCTIONS = {name: autograd_function(name, sort_apply, _apply_setup_contex
 SortApply = APPLY_FUNCTIONS["relaxed_sort_apply"]
 sort_apply.register_autograd(_apply_backward_for("relaxed_sort_apply"), setup_context=_apply_setup_context)
 register_batch_vmap(sort_apply, "relaxed_sort_apply", batched=(0, 1, 3), tau_index=2)
-register_batch_vmap(sort_apply_backward, "relaxed_sort_apply", batched=(0, 1, 2, *range(4, 13)), tau_index=3)
+register_batch_vmap(sort_apply_backward, "relaxed_sort_apply", batched=(0, 1, 2, 3, *range(5, 14)), tau_index=4)
 
 
 # ------------------------------------------------------------------------------------------ materialised P_hat

@@ -470,7 +470,7 @@ def entry_of(result: dict) -> dict[str, float]:
     return result["entry"] if "entry" in result else per_entry(result["counts"], _config(result))
 
 
-_VARIANT = re.compile(r"^(\w+)/m(\d+)n(\d+)w(\d+)s(\d+)(/multi_d)?(/tau)?(/full)?$")
+_VARIANT = re.compile(r"^(\w+)/m(\d+)n(\d+)w(\d+)s(\d+)(/multi_d)?(/tau)?(/transposed)?(/full)?(/masked)?$")
 
 
 def results_from_csv(path: Path) -> list[dict]:
@@ -483,12 +483,12 @@ def results_from_csv(path: Path) -> list[dict]:
         match = _VARIANT.match(row["variant"])
         if not match or not row["device"].startswith("sm"):
             continue
-        kernel, bm, bn, warps, stages, multi, tau, full = match.groups()
+        kernel, bm, bn, warps, stages, multi, tau, transposed, full, masked = match.groups()
         key = (row["variant"], row["d"], row["dtype"], row["device"])
         result = results.setdefault(key, {
             "kernel": kernel, "block_m": int(bm), "block_n": int(bn), "num_warps": int(warps),
             "num_stages": int(stages), "block_d": int(row["d"]), "dtype": row["dtype"], "single_d_chunk": not multi,
-            "need_tau": bool(tau), "banded": not full,
+            "need_tau": bool(tau), "transposed": bool(transposed), "banded": not full, "masked": bool(masked),
             "arch": int(row["device"][2:]), "origin": row["note"].removeprefix("from "), "entry": {}})
         if row["metric"] == "compile" and row["status"] == "failed":
             result["error"] = row["note"]
@@ -516,15 +516,18 @@ def default_configs() -> set[tuple]:
 
 
 def headline(results: list[dict]) -> list[dict]:
-    """Per (kernel, block_d, dtype) at the default configuration, single d chunk: the predicted time per entry on
+    """Per (kernel, block_d, dtype) at the default configuration, single d chunk, plain variant: the predicted time
+    per entry on
     each device, its limiting unit, the exp floor and the float64 work's time against that floor."""
     defaults = default_configs()
     table = []
     for result in results:
         key = (result["kernel"], result["block_d"], result["block_m"], result["block_n"], result["num_warps"],
                result["num_stages"])
-        if "error" in result or key not in defaults or not result.get("single_d_chunk", True):
-            continue
+        variant = (result.get("need_tau") or result.get("transposed") or result.get("masked")
+                   or not result.get("banded", True))
+        if "error" in result or key not in defaults or not result.get("single_d_chunk", True) or variant:
+            continue  # the plain kernels only (the tau, transposed, full and masked variants are in the CSV)
         entry = entry_of(result)
         for device in (*DEVICES.values(), *LOW_FP64_DEVICES.values()):
             if device.arch != result["arch"]:
