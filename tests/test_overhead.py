@@ -96,7 +96,7 @@ def test_torch_one_shot_and_chunked_paths_agree(monkeypatch, banded):
 @pytest.mark.parametrize("transpose", [False, True])
 def test_saved_one_shot_weights_serve_every_backward(dtype, transpose):
     """The one-shot forward saves its weights for the backward: a second backward (retain_graph) must find them
-    untouched, and both must equal the backward that recomputes them (the chunked path's)."""
+    untouched (that they equal the chunked path's recomputed ones: test_torch_one_shot_and_chunked_paths_agree)."""
     scores = torch.randn(4, 30, dtype=dtype, requires_grad=True)
     x = torch.randn(4, 30, 3, dtype=dtype, requires_grad=True)
     grad = torch.randn(4, 30, 3, dtype=dtype)
