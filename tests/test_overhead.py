@@ -88,8 +88,12 @@ def test_torch_one_shot_and_chunked_paths_agree(monkeypatch, banded):
         results.append((out, *torch.autograd.grad(out, (s, v, tau), grad),
                         relaxed_sort_matrix(scores, 0.3, banded=banded, backend="torch"),
                         relaxed_topk(scores, 5, 0.3, banded=banded, backend="torch")))
+    # Not bit for bit: the one-shot logits come from per-row and per-column terms (rounding ~1e-16 |W| / tau, as
+    # W's own), and banded, the one-shot apply still evaluates every column (the band's columns weigh < e^-30 of
+    # each row); the scores gradient scales both by up to n / tau.
+    tolerance = 1e-10
     for one_shot, chunked in zip(*results, strict=True):
-        torch.testing.assert_close(one_shot, chunked, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(one_shot, chunked, rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
