@@ -363,6 +363,39 @@ class TorchBackend:
                              (weights[..., None] * scaled[:, :, None, :]).flatten(1, 2))
         return from_sorted(out, terms.order).to(v.dtype), norm, v.new_empty(0, dtype=work)
 
+    @staticmethod
+    def _dense_backward(terms: SortedTerms, weights: Tensor, norm: Tensor, x64: Tensor, g64: Tensor,
+                        need_tau: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """(dx, u, r, tau terms) in sorted order, float64, from the one-shot weights w (B, n, n) and row sums l.
+
+        With P = w / l, dz_pm = P_pm (g_p . x_m - Delta_p) and Delta_p = g_p . (P x)_p, every column sum is a
+        product of w^T with per-row vectors (a = g / l, beta = Delta / l, c = 2p + 1 - m):
+        dx = w^T a, r_m = x_m . (w^T a)_m - (w^T beta)_m, u_m = x_m . (w^T c a)_m - (w^T c beta)_m - cnt_m r_m:
+        two matrix products over w in float64 (where P is nearly a permutation, r is a small difference of such
+        terms; in float64 it keeps about 16 - log10(n) digits of them) and no (B, n, n) temporary but w itself.
+        The tau gradient's sum_pm dz_pm D_p(m) needs dz entry by entry: formed only then."""
+        batch, n, d = x64.shape
+        w64 = weights.to(torch.float64)
+        if terms.masked:
+            coefficient = positions(n, x64.device, 2, 1)[None, :] - terms.length[:, None]
+        else:
+            coefficient = positions(n, x64.device, 2, 1 - n)[None, :].expand(batch, n)
+        inv_norm = norm.reciprocal()[..., None]
+        delta = (torch.bmm(w64, x64) * g64).sum(-1, keepdim=True).mul_(inv_norm)  # (B, n, 1)
+        a = g64 * inv_norm
+        rows = torch.cat([a, coefficient[..., None] * a, delta * inv_norm, coefficient[..., None] * delta * inv_norm],
+                         dim=-1)
+        columns = torch.bmm(w64.transpose(1, 2), rows)  # (B, n, 2 d + 2)
+        dx = columns[..., :d]
+        r = (x64 * dx).sum(-1) - columns[..., 2 * d]
+        u = (x64 * columns[..., d:2 * d]).sum(-1) - columns[..., 2 * d + 1] - terms.count * r
+        tau_terms = None
+        if need_tau:
+            gx = g64 * x64.transpose(1, 2) if d == 1 else torch.bmm(g64, x64.transpose(1, 2))
+            dz = gx.sub_(delta).mul_(w64).mul_(inv_norm)
+            tau_terms = (dz * dense_drops(terms.t, terms.w)).sum((1, 2))
+        return dx, u, r, tau_terms
+
     def apply_backward(self, terms: SortedTerms, x: Tensor, grad: Tensor, norm: Tensor, tau: Tensor,
                        descending: bool, banded: bool, need_tau: bool, weights: Tensor | None = None
                        ) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -378,21 +411,7 @@ class TorchBackend:
         if self.dense(batch, n):
             if weights is None or weights.numel() == 0:
                 weights = _dense_weights(terms, tau, False, work)  # as the one-shot forward (_dense_forward)
-            p = torch.div(weights, norm[..., None])  # float64, one pass; never in place: the forward's weights
-            # gx_pm = g_p . x_m and Delta_p = sum_m P_pm gx_pm = g_p . (P x)_p, both in float64.
-            gx = g64 * x64.transpose(1, 2) if d == 1 else torch.bmm(g64, x64.transpose(1, 2))
-            delta = (torch.bmm(p, x64) * g64).sum(-1, keepdim=True)
-            dz = gx.sub_(delta).mul_(p)
-            dx = torch.bmm(p.transpose(1, 2), g64)
-            r = dz.sum(1)
-            # u_m = sum_p (c_p - cnt_m) dz_pm = (c^T dz)_m - cnt_m r_m, c_p = 2p + 1 - m: in float64 the two terms
-            # lose at most log10(n) of 16 digits to cancellation.
-            if terms.masked:
-                coefficient = positions(n, x.device, 2, 1)[None, :] - terms.length[:, None]
-            else:
-                coefficient = positions(n, x.device, 2, 1 - n)[None, :].expand(batch, n)
-            u = torch.bmm(coefficient[:, None, :], dz)[:, 0].sub_(terms.count * r)
-            tau_terms = (dz * dense_drops(terms.t, terms.w)).sum((1, 2)) if need_tau else None
+            dx, u, r, tau_terms = self._dense_backward(terms, weights, norm, x64, g64, need_tau)
         else:
             dx = torch.zeros((batch, n, d), device=x.device, dtype=torch.float64)
             u = torch.zeros((batch, n), device=x.device, dtype=torch.float64)
