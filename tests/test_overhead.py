@@ -109,3 +109,26 @@ def test_saved_one_shot_weights_serve_every_backward(dtype, transpose):
     second = torch.autograd.grad(out, (scores, x), grad)
     for a, b in zip(first, second, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_batch_chunks_of_the_dense_evaluation_agree_with_one_shot(monkeypatch, masked):
+    """Short lists at large batch sizes run densely in batch chunks (weights recomputed in the backward): the same
+    results as one chunk, for the values, both gradients, tau's, the transposed product and the matrix."""
+    gen = torch.Generator().manual_seed(6)
+    scores = torch.randn(7, 20, generator=gen, dtype=torch.float64)
+    x = torch.randn(7, 20, 3, generator=gen, dtype=torch.float64)
+    mask = (torch.rand(7, 20, generator=gen) < 0.7) if masked else None
+    results = []
+    for limit in (_backends.DENSE_ELEMENTS, 3 * 20 * 20):  # one chunk; chunks of 3 lists (7 = 3 + 3 + 1)
+        monkeypatch.setattr(_backends, "DENSE_ELEMENTS", limit)
+        assert _backends.TorchBackend.dense(7, 20)
+        assert len(_backends.TorchBackend._batch_chunks(7, 20)) == (1 if limit > 7 * 400 else 3)
+        s, v = scores.clone().requires_grad_(), x.clone().requires_grad_()
+        tau = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+        out = relaxed_sort_apply(s, v, tau, mask=mask, backend="torch")
+        out_t = relaxed_sort_apply(s, v, tau, mask=mask, transpose=True, backend="torch")
+        results.append((out, out_t, *torch.autograd.grad((out + out_t).sum(), (s, v, tau)),
+                        relaxed_sort_matrix(scores, 0.3, mask=mask, backend="torch")))
+    for one, chunked in zip(*results, strict=True):
+        torch.testing.assert_close(one, chunked, rtol=1e-12, atol=1e-12)

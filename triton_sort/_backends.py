@@ -174,6 +174,10 @@ def real_rows(values: Tensor, terms: SortedTerms) -> Tensor:
 # synchronisation), where the per-call overhead, not the O(n^2) work, is what costs. 2^22 entries keep each float64
 # temporary at 32 MiB; above it the banded, row-chunked path runs in O(B n d) extra memory.
 DENSE_ELEMENTS = 1 << 22
+# Lists up to this long are evaluated densely at any batch size, in batch chunks of at most DENSE_ELEMENTS entries
+# (without saving the weights: recomputed per chunk in the backward): their band covers much of the row, and a
+# dense entry costs a third of a windowed one (no gathers), so the band saves nothing there.
+DENSE_MAX_N = 512
 
 
 def dense_drops(t: Tensor, w: Tensor) -> Tensor:
@@ -247,7 +251,14 @@ class TorchBackend:
 
     @staticmethod
     def dense(batch: int, n: int) -> bool:
-        return batch * n * n <= DENSE_ELEMENTS
+        """Whether the dense (one-shot or batch-chunked) evaluation runs, not the windowed row chunks."""
+        return n * n <= DENSE_ELEMENTS and (batch * n * n <= DENSE_ELEMENTS or n <= DENSE_MAX_N)
+
+    @staticmethod
+    def _batch_chunks(batch: int, n: int) -> list[tuple[int, int]]:
+        """Lists [b0, b1) evaluated together: at most DENSE_ELEMENTS (list, row, column) entries each."""
+        step = max(1, DENSE_ELEMENTS // max(n * n, 1))
+        return [(b0, min(b0 + step, batch)) for b0 in range(0, batch, step)] or [(0, 0)]
 
     def has_windows(self, batch: int, n: int) -> bool:
         """Whether ``prepare`` computes the rows' windows (the chunked path) or leaves them empty (dense)."""
@@ -289,12 +300,16 @@ class TorchBackend:
         work = compute_dtype(dtype)
         batch, n = terms.t.shape
         if self.dense(batch, n):
-            weights = _dense_weights(terms, tau, banded, work)
-            norm = weights.sum(-1, keepdim=True)
-            weights = weights / (norm.clamp_(min=1.0) if terms.masked else norm)
-            index = terms.order[:, None, :].expand(batch, n, n)
-            return rows_to_output(torch.empty_like(weights).scatter_(2, index, weights), descending,
-                                  terms).to(dtype)
+            blocks = []
+            for b0, b1 in self._batch_chunks(batch, n):
+                chunk = terms.lists(b0, b1)
+                weights = _dense_weights(chunk, tau, banded, work)
+                norm = weights.sum(-1, keepdim=True)
+                weights = weights / (norm.clamp_(min=1.0) if terms.masked else norm)
+                index = chunk.order[:, None, :].expand(b1 - b0, n, n)
+                blocks.append(rows_to_output(torch.empty_like(weights).scatter_(2, index, weights), descending,
+                                             chunk).to(dtype))
+            return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
         out = torch.zeros((batch, n, n), device=terms.t.device, dtype=dtype)
         # Padded lists' rows move per list: written by sorted row, then reordered once.
         out_row = output_rows(n, descending and not terms.masked, terms.t.device)
@@ -306,10 +321,11 @@ class TorchBackend:
             out[:, out_row[p0:p1]] = block.scatter_add_(2, input_cols, weights).to(dtype)
         return rows_to_output(out, descending, terms) if terms.masked else out
 
-    def saves_weights(self, batch: int, n: int) -> bool:
+    @staticmethod
+    def saves_weights(batch: int, n: int) -> bool:
         """Whether the forward returns its weights for the backward (the one-shot evaluation: at most
         DENSE_ELEMENTS of them, 16 MiB in fp32) instead of an empty tensor."""
-        return self.dense(batch, n)
+        return batch * n * n <= DENSE_ELEMENTS
 
     def _dense_forward(self, terms: SortedTerms, tau: Tensor, banded: bool, work: torch.dtype,
                        weights: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -332,9 +348,14 @@ class TorchBackend:
         batch, n, d = x.shape
         xw = real_rows(to_sorted(x, terms.order).to(work), terms)
         if self.dense(batch, n):
-            weights, norm = self._dense_forward(terms, tau, banded, work, weights)
-            out = torch.bmm(weights, xw).div_(norm[..., None])
-            return rows_to_output(out, descending, terms).to(x.dtype), norm, weights
+            outs, norms = [], []
+            for b0, b1 in self._batch_chunks(batch, n):
+                chunk_weights, norm = self._dense_forward(terms.lists(b0, b1), tau, banded, work, weights)
+                outs.append(torch.bmm(chunk_weights, xw[b0:b1]).div_(norm[..., None]))
+                norms.append(norm)
+            out, norm = (outs[0], norms[0]) if len(outs) == 1 else (torch.cat(outs), torch.cat(norms))
+            saved = chunk_weights if self.saves_weights(batch, n) else x.new_empty(0, dtype=work)
+            return rows_to_output(out, descending, terms).to(x.dtype), norm, saved
         out = torch.empty((batch, n, d), device=x.device, dtype=x.dtype)
         norm = torch.empty((batch, n), device=x.device, dtype=torch.float64)
         for p0, p1, total, args in self._chunks(terms, tau, d):
@@ -350,9 +371,14 @@ class TorchBackend:
         batch, n, d = v.shape
         v_rows = real_rows(rows_to_output(v, descending, terms).to(work), terms)
         if self.dense(batch, n):
-            weights, norm = self._dense_forward(terms, tau, banded, work, None)
-            out = torch.bmm(weights.transpose(1, 2), v_rows / norm[..., None].to(work))
-            return from_sorted(out, terms.order).to(v.dtype), norm, weights
+            outs, norms = [], []
+            for b0, b1 in self._batch_chunks(batch, n):
+                weights, norm = self._dense_forward(terms.lists(b0, b1), tau, banded, work, None)
+                outs.append(torch.bmm(weights.transpose(1, 2), v_rows[b0:b1] / norm[..., None].to(work)))
+                norms.append(norm)
+            out, norm = (outs[0], norms[0]) if len(outs) == 1 else (torch.cat(outs), torch.cat(norms))
+            saved = weights if self.saves_weights(batch, n) else v.new_empty(0, dtype=work)
+            return from_sorted(out, terms.order).to(v.dtype), norm, saved
         out = torch.zeros((batch, n, d), device=v.device, dtype=work)
         norm = torch.empty((batch, n), device=v.device, dtype=torch.float64)
         for p0, p1, _, args in self._chunks(terms, tau, d):
@@ -409,9 +435,20 @@ class TorchBackend:
         x64 = real_rows(to_sorted(x, terms.order).to(torch.float64), terms)
         g64 = real_rows(rows_to_output(grad, descending, terms).to(torch.float64), terms)
         if self.dense(batch, n):
-            if weights is None or weights.numel() == 0:
-                weights = _dense_weights(terms, tau, False, work)  # as the one-shot forward (_dense_forward)
-            dx, u, r, tau_terms = self._dense_backward(terms, weights, norm, x64, g64, need_tau)
+            parts = []
+            for b0, b1 in self._batch_chunks(batch, n):
+                chunk = terms.lists(b0, b1)
+                if weights is None or weights.numel() == 0:
+                    chunk_weights = _dense_weights(chunk, tau, False, work)  # as the forward (_dense_forward)
+                else:
+                    chunk_weights = weights
+                parts.append(self._dense_backward(chunk, chunk_weights, norm[b0:b1], x64[b0:b1], g64[b0:b1],
+                                                  need_tau))
+            if len(parts) == 1:
+                dx, u, r, tau_terms = parts[0]
+            else:
+                dx, u, r = (torch.cat([part[i] for part in parts]) for i in range(3))
+                tau_terms = torch.cat([part[3] for part in parts]) if need_tau else None
         else:
             dx = torch.zeros((batch, n, d), device=x.device, dtype=torch.float64)
             u = torch.zeros((batch, n), device=x.device, dtype=torch.float64)

@@ -65,6 +65,12 @@ class SortedTerms:
         """The tensor fields in order: what a custom op returns so that the backward reuses the forward's terms."""
         return tuple(getattr(self, name) for name in TENSOR_FIELDS)
 
+    def lists(self, start: int, stop: int) -> SortedTerms:
+        """The terms of lists [start, stop) (views)."""
+        if (start, stop) == (0, self.t.shape[0]):
+            return self
+        return SortedTerms(*(getattr(self, name)[start:stop] for name in TENSOR_FIELDS), masked=self.masked)
+
     def valid(self) -> Tensor:
         """(B, n) bool: sorted position p holds a real item (p < length). Computed once per terms object."""
         cached = self.__dict__.get("_valid")
