@@ -31,9 +31,6 @@ def _seed():
 
 
 
-# The PyTorch path compiles its large chunks with torch.compile; the suite's sizes stay eager (one test covers the
-# compiled path explicitly) so that no test pays a compilation.
-os.environ.setdefault("TRITON_SORT_COMPILE", "0")
 # Caches from earlier runs must not change what the suite runs: tuned launch configurations, and Inductor's
 # compiled graphs (keyed without the custom ops' schemas, so a changed op could meet a stale graph).
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="triton-sort-test-inductor-"))

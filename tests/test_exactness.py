@@ -141,19 +141,29 @@ def test_backends_agree_banded(kind):
         assert relative_error(a, b) <= 2 * EXACT
 
 
-def test_compiled_torch_path_matches_eager(monkeypatch):
-    """Large chunks run through torch.compile (fused loops); the result is the same as the eager path."""
+@pytest.mark.parametrize("masked", [False, True])
+def test_row_blocks_of_long_lists_match_the_one_shot_evaluation(monkeypatch, masked):
+    """Long lists run in blocks of rows with the columns their windows reach: many small blocks (each holding
+    every row's window) give the one-shot dense result, for the values, both gradients, tau's, P_hat^T v and the
+    matrix, to the band's bound."""
     import triton_sort._backends as backends
 
     gen = torch.Generator().manual_seed(0)
-    scores, x = torch.randn(1, 700, generator=gen), torch.randn(1, 700, 2, generator=gen)
+    scores = torch.randn(2, 700, generator=gen, dtype=torch.float64)
+    x = torch.randn(2, 700, 2, generator=gen, dtype=torch.float64)
+    mask = (torch.rand(2, 700, generator=gen) < 0.8) if masked else None
     results = []
-    monkeypatch.setenv("TRITON_SORT_COMPILE", "1")
-    for threshold in (1 << 40, 1):
-        monkeypatch.setattr(backends, "COMPILE_MIN_ELEMENTS", threshold)
+    for dense in (True, False):
+        if not dense:
+            monkeypatch.setattr(backends, "DENSE_ELEMENTS", 0)
+            monkeypatch.setattr(backends, "BLOCK_ELEMENTS", 50_000)  # blocks of about 100 rows
         s, xs = scores.clone().requires_grad_(), x.clone().requires_grad_()
-        y = relaxed_sort_apply(s, xs, 0.5, backend="torch")
-        y.backward(torch.ones_like(y))
-        results.append((y.detach(), s.grad, xs.grad))
-    for eager, compiled in zip(*results, strict=True):
-        torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+        tau = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+        y = relaxed_sort_apply(s, xs, tau, mask=mask, backend="torch")
+        z = relaxed_sort_apply(s, xs, tau, mask=mask, transpose=True, backend="torch")
+        grads = torch.autograd.grad((y * x).sum() + (z * x).sum(), (s, xs, tau))
+        matrix = relaxed_sort_matrix(scores, 0.5, mask=mask, backend="torch")
+        results.append((y, z, *grads, matrix))
+    assert len(backends.TorchBackend()._blocks(sorted_terms(scores, torch.tensor(0.5, dtype=torch.float64)))) > 5
+    for one_shot, blocked in zip(*results, strict=True):
+        torch.testing.assert_close(blocked, one_shot, rtol=1e-10, atol=1e-10)
