@@ -74,6 +74,12 @@ def _check_scores(scores: object) -> Tensor:
 
 def _check_mask(scores: Tensor, mask: object) -> Tensor | None:
     """``mask`` (bool, scores' shape and device; True for a real item) flattened to (B, n), or None."""
+    mask = check_mask(scores, mask)
+    return None if mask is None else mask.reshape(_as_batch(scores).shape)
+
+
+def check_mask(scores: Tensor, mask: object) -> Tensor | None:
+    """``mask`` checked (bool, scores' shape and device; True for a real item) and returned as given, or None."""
     if mask is None:
         return None
     if not isinstance(mask, Tensor):
@@ -84,7 +90,7 @@ def _check_mask(scores: Tensor, mask: object) -> Tensor | None:
         raise ValueError(f"mask must have the shape of scores {tuple(scores.shape)}, got {tuple(mask.shape)}")
     if mask.device != scores.device:
         raise ValueError(f"mask must be on the device of scores ({scores.device}), got {mask.device}")
-    return mask.reshape(_as_batch(scores).shape)
+    return mask
 
 
 def _resolve_backend(backend: str, scores: Tensor) -> str:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ._validation import check_backend_name, check_int, checks_values
-from .api import Backend, check_tau, relaxed_sort_apply, relaxed_sort_matrix
+from .api import Backend, _check_scores, check_mask, check_tau, relaxed_sort_apply, relaxed_sort_matrix
 
 __all__ = ["ndcg", "neural_ndcg"]
 
@@ -44,18 +44,10 @@ SINKHORN_EPS = 1e-10
 # dense evaluation was 5x to 14x faster at every size measured, B n^2 from 64 to 1e6.
 DENSE_SINKHORN_ENTRIES = 2**18
 
-_SCORE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
 
 # ------------------------------------------------------------------------------------------------- arguments
 def _check_lists(scores: object, relevance: object, mask: object) -> tuple[Tensor, Tensor, Tensor | None]:
-    if not isinstance(scores, Tensor):
-        raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
-    if scores.dtype not in _SCORE_DTYPES:
-        raise TypeError(f"scores must have a real floating dtype (float32, float16, bfloat16 or float64), "
-                        f"got {scores.dtype}")
-    if scores.dim() < 1:
-        raise ValueError("scores must have shape (..., n) with at least one dimension, got a 0-d tensor")
+    scores = _check_scores(scores)
     if not isinstance(relevance, Tensor):
         raise TypeError(f"relevance must be a torch.Tensor, got {type(relevance).__name__}")
     if relevance.dtype == torch.bool or relevance.is_complex():
@@ -65,16 +57,7 @@ def _check_lists(scores: object, relevance: object, mask: object) -> tuple[Tenso
                          f"got {tuple(relevance.shape)}")
     if relevance.device != scores.device:
         raise ValueError(f"relevance must be on the device of scores ({scores.device}), got {relevance.device}")
-    if mask is not None:
-        if not isinstance(mask, Tensor):
-            raise TypeError(f"mask must be None or a torch.Tensor, got {type(mask).__name__}")
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor (True for a real item), got {mask.dtype}")
-        if tuple(mask.shape) != tuple(scores.shape):
-            raise ValueError(f"mask must have the shape of scores {tuple(scores.shape)}, got {tuple(mask.shape)}")
-        if mask.device != scores.device:
-            raise ValueError(f"mask must be on the device of scores ({scores.device}), got {mask.device}")
-    return scores, relevance, mask
+    return scores, relevance, check_mask(scores, mask)
 
 
 def _check_k(k: object) -> int | None:
