@@ -220,9 +220,3 @@ def output_index(length: Tensor, n: int) -> Tensor:
     """
     rows = index_positions(n, length.device)[None, :]
     return torch.where(rows < length[:, None], length[:, None] - 1 - rows, rows)
-
-
-def output_rows(n: int, descending: bool, device: torch.device) -> Tensor:
-    """Sorted position p of the row that output row i shows: n - 1 - i descending, i ascending. (n,)."""
-    rows = torch.arange(n, device=device)
-    return rows.flip(0) if descending else rows
