@@ -94,16 +94,17 @@ EXP_FLOOR = {torch.float32: -87.0, torch.float64: -708.0}
 
 def _block_logits(terms: SortedTerms, tau: Tensor, rows: slice, cols: slice) -> Tensor:
     """-D_p(m) / tau for lists ``terms`` (B lists), sorted rows ``rows`` and columns ``cols``: (B, rows, cols) float64
-    in three passes over the block.
+    in four passes over the block (one broadcast subtraction, three in place: a broadcast ``addcmul`` is 5x slower
+    on CPU).
 
     With s = -1 / tau, s D_p(m) = k_p (t_p - t_m) + (b_m - b_p), k_p = s (2p - 1), b = 2 s W: differences of sorted
     scores and of prefix sums, as in MATH.md, so a row's own column is exactly 0 (its weight exactly 1) and no term
     of the size of the scores themselves is ever formed (a score of -1e30 stays harmless)."""
-    s = tau.reciprocal().neg_()
-    k = positions(terms.n, terms.t.device, 2, -1)[rows] * s
-    b = terms.w * (2 * s)
-    t_diff = terms.t[:, rows, None] - terms.t[:, None, cols]
-    return torch.addcmul(b[:, None, cols] - b[:, rows, None], k[None, :, None], t_diff)
+    s2 = tau.reciprocal().mul_(-2.0)  # 2 s
+    k = positions(terms.n, terms.t.device, 1, -0.5)[rows] * s2  # s (2p - 1)
+    b = terms.w * s2
+    logits = terms.t[:, rows, None] - terms.t[:, None, cols]
+    return logits.mul_(k[None, :, None]).add_(b[:, None, cols]).sub_(b[:, rows, None])
 
 
 def _block_weights(terms: SortedTerms, tau: Tensor, rows: slice, cols: slice, dtype: torch.dtype,
@@ -145,6 +146,13 @@ def poison_lists(t: Tensor, values: Tensor | None, mask: Tensor | None = None) -
     a path's windows or tiles happen to mix it into."""
     poison = list_poison(t, mask)
     return poison if values is None else poison.add_(list_poison(values, mask))
+
+
+def _row_sums(weights: Tensor, terms: SortedTerms) -> Tensor:
+    """Row sums (..., rows) of float64 weights; real rows sum to >= 1 (their peak weighs exactly 1), padded rows
+    to 0, kept at 1."""
+    norm = weights.sum(-1)
+    return norm.clamp_(min=1.0) if terms.masked else norm
 
 
 # Entries of one row block of the windowed evaluation (long lists): its float64 logits, fp32 weights and the
@@ -227,94 +235,133 @@ class TorchBackend:
     def apply_forward(self, terms: SortedTerms, x: Tensor, tau: Tensor, descending: bool, banded: bool,
                       weights: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, n, d) in input order -> (P_hat @ x (B, n, d) by output row, row sums (B, n) float64 by sorted row,
-        padded rows 0 and 1; and the one-shot weights for the backward, or an empty tensor). ``weights``: those
-        of an earlier forward. Row sums stay float64: a row's rounding error would rescale all of its dz in the
-        backward, and d_scores is a sum over rows whose contributions largely cancel."""
+        padded rows 0 and 1; and the one-shot weights for the backward (float64), or an empty tensor). ``weights``:
+        those of an earlier forward. Row sums stay float64: a row's rounding error would rescale all of its dz in
+        the backward, and d_scores is a sum over rows whose contributions largely cancel."""
         work = compute_dtype(x.dtype)
         batch, n, d = x.shape
         xw = real_rows(to_sorted(x, terms.order).to(work), terms)
         if self.saves_weights(batch, n) and batch and n:  # one block: no accumulators
-            if weights is None or not weights.numel():
-                weights = _block_weights(terms, tau, slice(0, n), slice(0, n), work)
-            # Real rows sum to >= 1 (their peak weighs exactly 1); padded rows to 0, kept at 1.
-            norm = weights.sum(-1, dtype=torch.float64).clamp_(min=1.0)
-            out = torch.bmm(weights, xw).div_(norm[..., None])
+            if weights is not None and weights.numel():  # an earlier forward's (float64) weights
+                norm = _row_sums(weights, terms)
+                out = torch.bmm(weights, xw.to(torch.float64)).div_(norm[..., None])
+            else:
+                out, norm, weights = _forward_block(terms, tau, slice(0, n), slice(0, n), xw, keep=True)
             return rows_to_output(out, descending, terms).to(x.dtype), norm, weights
         out = torch.zeros((batch, n, d), device=x.device, dtype=work)
         norm = torch.ones((batch, n), device=x.device, dtype=torch.float64)
         for lists, rows, cols in self._blocks(terms):
-            block_weights = _block_weights(terms.lists(lists.start, lists.stop), tau, rows, cols, work)
-            norm[lists, rows] = block_weights.sum(-1, dtype=torch.float64).clamp_(min=1.0)
-            out[lists, rows] = torch.bmm(block_weights, xw[lists, cols]).div_(norm[lists, rows, None])
-        return rows_to_output(out, descending, terms).to(x.dtype), norm, x.new_empty(0, dtype=work)
+            out[lists, rows], norm[lists, rows], _ = _forward_block(terms.lists(lists.start, lists.stop), tau, rows,
+                                                                    cols, xw[lists, cols])
+        return rows_to_output(out, descending, terms).to(x.dtype), norm, x.new_empty(0, dtype=torch.float64)
 
     def apply_transposed(self, terms: SortedTerms, v: Tensor, tau: Tensor, descending: bool,
                          banded: bool) -> tuple[Tensor, Tensor, Tensor]:
         """v (B, n, d) by output row -> (P_hat^T @ v (B, n, d) by input item, row sums (B, n) float64, the one-shot
-        weights or an empty tensor). Column sums over row blocks accumulate in float64."""
+        weights (float64) or an empty tensor). Column sums over row blocks accumulate in float64."""
         work = compute_dtype(v.dtype)
         batch, n, d = v.shape
         v_rows = real_rows(rows_to_output(v, descending, terms).to(work), terms)
         if self.saves_weights(batch, n) and batch and n:  # one block: no accumulators
-            weights = _block_weights(terms, tau, slice(0, n), slice(0, n), work)
-            norm = weights.sum(-1, dtype=torch.float64).clamp_(min=1.0)
-            out = torch.bmm(weights.transpose(1, 2), v_rows / norm[..., None].to(work))
+            logits = _block_logits(terms, tau, slice(0, n), slice(0, n))
+            block_weights = _block_weights(terms, tau, slice(0, n), slice(0, n), work, logits=logits)
+            weights = logits.copy_(block_weights)
+            norm = _row_sums(weights, terms)
+            out = torch.bmm(block_weights.transpose(1, 2), v_rows / norm[..., None].to(work))
             return from_sorted(out, terms.order).to(v.dtype), norm, weights
         out = torch.zeros((batch, n, d), device=v.device, dtype=torch.float64)
         norm = torch.ones((batch, n), device=v.device, dtype=torch.float64)
         for lists, rows, cols in self._blocks(terms):
-            weights = _block_weights(terms.lists(lists.start, lists.stop), tau, rows, cols, work)
-            norm[lists, rows] = weights.sum(-1, dtype=torch.float64).clamp_(min=1.0)
+            chunk = terms.lists(lists.start, lists.stop)
+            block_weights = _block_weights(chunk, tau, rows, cols, work)
+            norm[lists, rows] = _row_sums(block_weights.to(torch.float64), chunk)
             scaled = v_rows[lists, rows] / norm[lists, rows, None].to(work)
-            out[lists, cols] += torch.bmm(weights.transpose(1, 2), scaled)
-        return from_sorted(out, terms.order).to(v.dtype), norm, v.new_empty(0, dtype=work)
+            out[lists, cols] += torch.bmm(block_weights.transpose(1, 2), scaled)
+        return from_sorted(out, terms.order).to(v.dtype), norm, v.new_empty(0, dtype=torch.float64)
 
     def apply_backward(self, terms: SortedTerms, x: Tensor, grad: Tensor, norm: Tensor, tau: Tensor,
                        descending: bool, banded: bool, need_tau: bool, weights: Tensor | None = None
                        ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Gradients of P_hat @ x: (d_scores (B, n), d_x (B, n, d), both in input order, and
         sum_pm dz_pm D_p(m) per batch row (B,) float64 when ``need_tau``, else None). grad: (B, n, d) by output row.
-        ``weights``: the one-shot forward's (else recomputed block by block, as the forward made them).
+        ``weights``: the one-shot forward's (float64; else recomputed block by block, as the forward made them).
 
-        With P = w / l, dz_pm = P_pm (g_p . x_m - Delta_p) and Delta_p = g_p . (P x)_p (recomputed from the very
-        weights dz uses), every column sum is a product of w^T with per-row vectors (a = g / l, beta = Delta / l,
-        c_p = 2p + 1 - m): dx = w^T a, r_m = x_m . (w^T a)_m - (w^T beta)_m, u_m = x_m . (w^T c a)_m - (w^T c beta)_m
-        - cnt_m r_m: two float64 matrix products per block (where P is nearly a permutation, r is a small
-        difference of such terms; in float64 it keeps about 16 - log10(n) digits of them) and no temporary of the
-        block's size but its weights. The tau gradient's sum_pm dz_pm D_p(m) needs dz entry by entry: formed only
-        then."""
-        work = compute_dtype(x.dtype)
+        Per block, in float64 (``_backward_block``): dz_pm = P_pm (g_p . x_m - Delta_p) with Delta_p recomputed as
+        sum_m P_pm (g_p . x_m) from the very weights dz uses, then the column sums dx = P^T g, r_m = sum_p dz_pm and
+        sum_p c_p dz_pm (c_p = 2p + 1 - m); u_m = sum_p (c_p - cnt_m) dz_pm."""
         batch, n, d = x.shape
         x64 = real_rows(to_sorted(x, terms.order).to(torch.float64), terms)
         g64 = real_rows(rows_to_output(grad, descending, terms).to(torch.float64), terms)
         if terms.masked:
-            coefficient = positions(n, x.device, 2, 1)[None, :] - terms.length[:, None]
+            coefficient = positions(n, x.device, 2, 1)[None, :] - terms.length[:, None].to(torch.float64)
         else:
             coefficient = positions(n, x.device, 2, 1 - n)[None, :].expand(batch, n)
-        columns = torch.zeros((batch, n, 2 * d + 2), device=x.device, dtype=torch.float64)
-        tau_terms = torch.zeros(batch, device=x.device, dtype=torch.float64) if need_tau else None
-        for lists, rows, cols in self._blocks(terms):
-            chunk = terms.lists(lists.start, lists.stop)
-            logits = _block_logits(chunk, tau, rows, cols) if need_tau else None
-            if weights is not None and weights.numel():
-                block_weights = weights
-            else:
-                block_weights = _block_weights(chunk, tau, rows, cols, work, logits=logits)
-            w64 = block_weights.to(torch.float64)
-            inv_norm = norm[lists, rows].reciprocal()[..., None]
-            x_cols, g_rows, c = x64[lists, cols], g64[lists, rows], coefficient[lists, rows, None]
-            delta = (torch.bmm(w64, x_cols) * g_rows).sum(-1, keepdim=True).mul_(inv_norm)
-            a, beta = g_rows * inv_norm, delta * inv_norm
-            columns[lists, cols] += torch.bmm(w64.transpose(1, 2), torch.cat([a, c * a, beta, c * beta], dim=-1))
-            if need_tau:
-                gx = g_rows * x_cols.transpose(1, 2) if d == 1 else torch.bmm(g_rows, x_cols.transpose(1, 2))
-                dz = gx.sub_(delta).mul_(w64).mul_(inv_norm)
-                tau_terms[lists] += dz.mul_(logits).sum((1, 2)).mul_(-tau)  # D = -tau * logits
-        dx = columns[..., :d]
-        r = (x64 * dx).sum(-1) - columns[..., 2 * d]
-        u = (x64 * columns[..., d:2 * d]).sum(-1) - columns[..., 2 * d + 1] - terms.count * r
+        blocks = self._blocks(terms)
+        if weights is not None and weights.numel():
+            columns, tau_terms = _backward_block(terms, tau, slice(0, n), slice(0, n), x64, g64, norm, coefficient,
+                                                 need_tau, weights)
+        else:
+            columns = torch.zeros((batch, n, d + 2), device=x.device, dtype=torch.float64)
+            tau_terms = torch.zeros(batch, device=x.device, dtype=torch.float64) if need_tau else None
+            for lists, rows, cols in blocks:
+                block_columns, block_tau = _backward_block(
+                    terms.lists(lists.start, lists.stop), tau, rows, cols, x64[lists, cols], g64[lists, rows],
+                    norm[lists, rows], coefficient[lists, rows], need_tau, compute_dtype=compute_dtype(x.dtype))
+                columns[lists, cols] += block_columns
+                if need_tau:
+                    tau_terms[lists] += block_tau
+        dx, r = columns[..., :d], columns[..., d]
+        u = columns[..., d + 1] - terms.count * r
         d_scores = signed_sum_gradient(terms, u, r, tau, x.dtype)
-        return d_scores, from_sorted(dx.contiguous(), terms.order).to(x.dtype), tau_terms
+        return d_scores, from_sorted(dx, terms.order).to(x.dtype), tau_terms
+
+
+def _forward_block(terms: SortedTerms, tau: Tensor, rows: slice, cols: slice, x_cols: Tensor, keep: bool = False
+                   ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One block of the forward: (P x (B, rows, d) in x_cols' dtype, row sums (B, rows) float64, and with ``keep``
+    the block's weights in float64 for the backward, else None). x_cols: (B, cols, d) by sorted position, fp32 or
+    float64 (the work dtype). Large temporaries are reused in place: on CPU a fresh block-sized allocation costs
+    about as much as a pass over it (page faults)."""
+    work = x_cols.dtype
+    logits = _block_logits(terms, tau, rows, cols)
+    block_weights = _block_weights(terms, tau, rows, cols, work, logits=logits)
+    weights = logits.copy_(block_weights) if work != torch.float64 else block_weights
+    norm = _row_sums(weights, terms)
+    if x_cols.shape[-1] == 1 and x_cols.device.type == "cpu" and work != torch.float64:
+        # d = 1: a product and a sum in place (a batched matrix-vector bmm runs 6x slower on CPU)
+        out = block_weights.mul_(x_cols.transpose(1, 2)).sum(-1, keepdim=True)
+    else:
+        out = torch.bmm(block_weights, x_cols)
+    return out.div_(norm[..., None]), norm, weights if keep else None
+
+
+def _backward_block(terms: SortedTerms, tau: Tensor, rows: slice, cols: slice, x_cols: Tensor, g_rows: Tensor,
+                    norm: Tensor, coefficient: Tensor, need_tau: bool, weights: Tensor | None = None,
+                    compute_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor | None]:
+    """One block of the backward, float64: (columns (B, cols, d + 2) = [P^T g, sum_p dz_pm, sum_p c_p dz_pm] and
+    the tau terms sum_pm dz_pm D_p(m) (B,) if ``need_tau``). x_cols (B, cols, d), g_rows (B, rows, d), norm and
+    coefficient (B, rows) float64; ``weights``: the block's saved float64 weights (never written to), else they are
+    recomputed as the forward made them (``compute_dtype``). One block-sized scratch buffer, reused in place."""
+    logits = _block_logits(terms, tau, rows, cols) if need_tau or weights is None else None
+    if weights is None:
+        block_weights = _block_weights(terms, tau, rows, cols, compute_dtype, logits=logits)
+        weights = block_weights.to(torch.float64) if need_tau else logits.copy_(block_weights)
+    scratch = torch.empty_like(weights)
+    inv_norm = norm.reciprocal()[..., None]
+    g_scaled = g_rows * inv_norm
+    if x_cols.shape[-1] == 1 and x_cols.device.type == "cpu":
+        dx = torch.mul(weights, g_scaled, out=scratch).sum(1)[..., None]
+        gx = torch.mul(g_rows, x_cols.transpose(1, 2), out=scratch)
+    else:
+        dx = torch.bmm(weights.transpose(1, 2), g_scaled)
+        gx = torch.bmm(g_rows, x_cols.transpose(1, 2), out=scratch)
+    dz = gx.mul_(weights)  # w_pm g_p . x_m
+    delta = dz.sum(-1, keepdim=True).mul_(inv_norm)  # Delta_p
+    dz.addcmul_(weights, delta, value=-1).mul_(inv_norm)
+    r = dz.sum(1)
+    tau_terms = logits.mul_(dz).sum((1, 2)).mul_(-tau) if need_tau else None  # D = -tau * logits
+    c_dz = dz.mul_(coefficient[..., None]).sum(1)
+    return torch.cat([dx, r[..., None], c_dz[..., None]], dim=-1), tau_terms
 
 
 class TritonBackend:
@@ -366,7 +413,7 @@ class TritonBackend:
 
         out, norm = launch.apply_forward(**self._windowed(terms), x=x.contiguous(), tau=tau.reshape(1),
                                          descending=descending)
-        return out, norm, x.new_empty(0, dtype=torch.float32)
+        return out, norm, x.new_empty(0, dtype=torch.float64)
 
     def apply_transposed(self, terms: SortedTerms, v: Tensor, tau: Tensor, descending: bool,
                          banded: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -376,7 +423,7 @@ class TritonBackend:
         windowed, tau = self._windowed(terms), tau.reshape(1)
         _, norm = launch.apply_forward(**windowed, x=v.new_empty((*v.shape[:2], 0)), tau=tau, descending=descending)
         out = launch.apply_transposed(**windowed, v=v.contiguous(), norm=norm, tau=tau, descending=descending)
-        return out, norm, v.new_empty(0, dtype=torch.float32)
+        return out, norm, v.new_empty(0, dtype=torch.float64)
 
     def apply_backward(self, terms: SortedTerms, x: Tensor, grad: Tensor, norm: Tensor, tau: Tensor,
                        descending: bool, banded: bool, need_tau: bool, weights: Tensor | None = None

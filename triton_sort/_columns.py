@@ -126,8 +126,9 @@ def sorted_terms(scores: Tensor, tau: float | Tensor, banded: bool = True, windo
         median = torch.gather(key, 1, (length // 2).clamp(max=max(n - 1, 0))[:, None]) if n else key
         t = torch.where(valid, key - median, 0.0)
         searched = torch.where(valid, t, float("inf"))  # tie counts among the real items only
-    gaps = torch.diff(t, dim=-1)
-    w = torch.nn.functional.pad(torch.cumsum(positions(n - 1, s.device) * gaps, dim=-1), (1, 0)) if n else t.clone()
+    # W_m = sum_{q<m} q g_q = sum_{j<=m} (j - 1)(t_j - t_{j-1}), the j = 0 term 0 (a zero gap, prepended).
+    w = torch.cumsum(positions(n, s.device, 1, -1) * torch.diff(t, dim=-1, prepend=t[:, :1]), dim=-1) if n else None
+    w = t.clone() if w is None else w  # (an empty list's: distinct from t, as a custom op's outputs must be)
     less = torch.searchsorted(searched, searched, right=False)
     not_greater = torch.searchsorted(searched, searched, right=True)
     if mask is None:
@@ -154,10 +155,10 @@ def sorted_terms(scores: Tensor, tau: float | Tensor, banded: bool = True, windo
     return dataclasses.replace(terms, lower=lower, upper=upper)
 
 
-_POSITIONS: dict[tuple[int, str, int, int], Tensor] = {}
+_POSITIONS: dict[tuple[int, str, float, float], Tensor] = {}
 
 
-def positions(n: int, device: torch.device, scale: int = 1, shift: int = 0) -> Tensor:
+def positions(n: int, device: torch.device, scale: float = 1, shift: float = 0) -> Tensor:
     """``scale * p + shift`` for ``p = 0, 1, ..., n - 1`` in float64, cached per (n, device, scale, shift): a fresh
     arange is one more kernel launch per call. Never written to."""
     key = (n, str(device), scale, shift)

@@ -22,7 +22,6 @@ from torch import Tensor
 
 from ._backends import (
     BACKENDS,
-    compute_dtype,
     dense_drops,
     list_poison,
     poison_lists,
@@ -237,7 +236,7 @@ def _(scores, x, tau, mask, descending, hard, banded, transpose, backend):
     batch, n = scores.shape
     weights = (batch, n, n) if BACKENDS[backend].saves_weights(batch, n) else (0,)
     return (torch.empty_like(x), scores.new_empty(scores.shape, dtype=torch.float64),
-            x.new_empty(weights, dtype=compute_dtype(x.dtype)), *_fake_terms(scores, backend, banded))
+            x.new_empty(weights, dtype=torch.float64), *_fake_terms(scores, backend, banded))
 
 
 @torch.library.custom_op("triton_sort::apply_backward", mutates_args=())
