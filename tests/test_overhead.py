@@ -55,10 +55,18 @@ def test_triton_path_launches_and_syncs(kernels_not_run, batch, n, d):
     assert counts.host_syncs == 0 and counts.triton_launches == 7 and counts.device_ops <= TRITON_DEVICE_OPS + 4, counts
 
 
+@pytest.fixture
+def gpu_block_sizes(monkeypatch):
+    """The PyTorch path's block sizes as on a GPU: on CPU blocks are capped at cache-sized ones (more, smaller
+    blocks: faster there, but more operations than a GPU would launch)."""
+    monkeypatch.setattr(_backends, "CPU_BLOCK_ELEMENTS", _backends.DENSE_ELEMENTS)
+    monkeypatch.setattr(_backends, "CPU_ONE_SHOT_ELEMENTS", _backends.DENSE_ELEMENTS)
+
+
 @pytest.mark.parametrize(("batch", "n", "d"), [(1, 8, 1), (256, 8, 1), (64, 100, 1), (64, 100, 16), (16, 256, 1)])
-def test_torch_small_problems_take_a_fixed_number_of_operations(batch, n, d):
+def test_torch_small_problems_take_a_fixed_number_of_operations(gpu_block_sizes, batch, n, d):
     scores, x = torch.randn(batch, n), torch.randn(batch, n, d)
-    assert _backends.TorchBackend.dense(batch, n)
+    assert _backends.TorchBackend.saves_weights(batch, n, "cpu")
     _counted_step(scores, x, "torch")
     counts = _counted_step(scores, x, "torch")
     assert counts.host_syncs == 0, counts
@@ -81,7 +89,7 @@ def test_torch_one_shot_and_chunked_paths_agree(monkeypatch, banded):
     results = []
     for limit in (_backends.DENSE_ELEMENTS, 0):
         monkeypatch.setattr(_backends, "DENSE_ELEMENTS", limit)
-        assert _backends.TorchBackend.dense(3, 257) == (limit > 0)
+        assert _backends.TorchBackend.dense(3, 257, "cpu") == (limit > 0)
         s, v = scores.clone().requires_grad_(), x.clone().requires_grad_()
         tau = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
         out = relaxed_sort_apply(s, v, tau, banded=banded, backend="torch")
@@ -122,7 +130,7 @@ def test_batch_chunks_of_the_dense_evaluation_agree_with_one_shot(monkeypatch, m
     results = []
     for limit in (_backends.DENSE_ELEMENTS, 3 * 20 * 20):  # one chunk; chunks of 3 lists (7 = 3 + 3 + 1)
         monkeypatch.setattr(_backends, "DENSE_ELEMENTS", limit)
-        assert _backends.TorchBackend.dense(7, 20)
+        assert _backends.TorchBackend.dense(7, 20, "cpu")
         terms = _backends.sorted_terms(scores, torch.tensor(0.3, dtype=torch.float64), windows=False)
         assert len(_backends.TorchBackend()._blocks(terms)) == (1 if limit > 7 * 400 else 3)
         s, v = scores.clone().requires_grad_(), x.clone().requires_grad_()

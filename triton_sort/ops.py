@@ -108,7 +108,7 @@ def _hard_apply(scores: Tensor, x: Tensor, descending: bool, mask: Tensor | None
 
 def _fake_terms(scores: Tensor, backend: str, banded: bool) -> tuple[Tensor, ...]:
     batch, n = scores.shape
-    width = n if BACKENDS[backend].has_windows(batch, n) else 0
+    width = n if BACKENDS[backend].has_windows(batch, n, scores.device) else 0
     shapes = {"lower": (batch, width), "upper": (batch, width), "length": (batch,)}
     return tuple(scores.new_empty(shapes.get(name, (batch, n)),
                                   dtype=torch.int64 if name in _INDEX_FIELDS else torch.float64)
@@ -234,7 +234,7 @@ def sort_apply(scores: Tensor, x: Tensor, tau: Tensor, mask: Tensor | None, desc
 @sort_apply.register_fake
 def _(scores, x, tau, mask, descending, hard, banded, transpose, backend):
     batch, n = scores.shape
-    weights = (batch, n, n) if BACKENDS[backend].saves_weights(batch, n) else (0,)
+    weights = (batch, n, n) if BACKENDS[backend].saves_weights(batch, n, scores.device) else (0,)
     return (torch.empty_like(x), scores.new_empty(scores.shape, dtype=torch.float64),
             x.new_empty(weights, dtype=torch.float64), *_fake_terms(scores, backend, banded))
 
