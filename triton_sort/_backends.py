@@ -131,10 +131,16 @@ def signed_sum_gradient(terms: SortedTerms, u: Tensor, r: Tensor, tau: Tensor, d
 
 def list_poison(values: Tensor, mask: Tensor | None = None) -> Tensor:
     """0 per list, NaN for a list with a non-finite entry among the real ones (``mask`` (B, n) True; all if None):
-    values (B, n) or (B, n, d) -> (B,) float64."""
+    values (B, n) or (B, n, d) -> (B,) float64. (A sum minus itself: NaN exactly when the sum is NaN or infinite;
+    summed in float64, finite inputs do not overflow.)"""
+    total = _list_sums(values, mask)
+    return total.sub_(total)
+
+
+def _list_sums(values: Tensor, mask: Tensor | None) -> Tensor:
     if mask is not None:
         values = torch.where(mask.reshape(*mask.shape, *([1] * (values.dim() - 2))), values, 0)
-    return values.sum(tuple(range(1, values.dim())), dtype=torch.float64).mul_(0)
+    return values.sum(tuple(range(1, values.dim())), dtype=torch.float64)
 
 
 def poison_lists(t: Tensor, values: Tensor | None, mask: Tensor | None = None) -> Tensor:
@@ -144,8 +150,10 @@ def poison_lists(t: Tensor, values: Tensor | None, mask: Tensor | None = None) -
     Added to the sorted scores ``t`` when validation is off, it makes every drop, output and gradient of such a list
     NaN, on every path alike (the Triton ``prepare`` kernel does the same), instead of NaN reaching whichever rows
     a path's windows or tiles happen to mix it into."""
-    poison = list_poison(t, mask)
-    return poison if values is None else poison.add_(list_poison(values, mask))
+    total = _list_sums(t, mask)
+    if values is not None:
+        total.add_(_list_sums(values, mask))
+    return total.sub_(total)
 
 
 def _row_sums(weights: Tensor, terms: SortedTerms) -> Tensor:

@@ -195,10 +195,10 @@ def _windows(terms: SortedTerms, rows: Tensor, limit: float | Tensor, last: Tens
 
 def signed_sum(terms: SortedTerms, r: Tensor) -> Tensor:
     """``q_m = sum_k sign(t_m - t_k) r_k`` by prefix sums in sorted order. r: (B, n) sorted -> (B, n) float64."""
-    prefix = torch.nn.functional.pad(torch.cumsum(r.to(torch.float64), dim=-1), (1, 0))
-    below = torch.gather(prefix, -1, terms.less)
-    above = prefix[..., -1:] - torch.gather(prefix, -1, terms.not_greater)
-    return below - above
+    r = r.to(torch.float64)
+    prefix = torch.cumsum(torch.cat([r.new_zeros(()).expand(*r.shape[:-1], 1), r], dim=-1), dim=-1)
+    # below - above = P[less] - (P[n] - P[not_greater])
+    return (torch.gather(prefix, -1, terms.less) + torch.gather(prefix, -1, terms.not_greater)).sub_(prefix[..., -1:])
 
 
 _INDEX_POSITIONS: dict[tuple[int, str], Tensor] = {}
