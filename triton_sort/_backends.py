@@ -289,18 +289,14 @@ class TorchBackend:
         batch, n, d = v.shape
         v_rows = real_rows(rows_to_output(v, descending, terms).to(work), terms)
         if self.saves_weights(batch, n, v.device) and batch and n:  # one block: no accumulators
-            logits = _block_logits(terms, tau, slice(0, n), slice(0, n))
-            block_weights = _block_weights(terms, tau, slice(0, n), slice(0, n), work, logits=logits)
-            weights = logits.copy_(block_weights)
-            norm = _row_sums(weights, terms)
+            block_weights, weights, norm = _weights_and_row_sums(terms, tau, slice(0, n), slice(0, n), work)
             out = torch.bmm(block_weights.transpose(1, 2), v_rows / norm[..., None].to(work))
             return from_sorted(out, terms.order).to(v.dtype), norm, weights
         out = torch.zeros((batch, n, d), device=v.device, dtype=torch.float64)
         norm = torch.ones((batch, n), device=v.device, dtype=torch.float64)
         for lists, rows, cols in self._blocks(terms):
             chunk = terms.lists(lists.start, lists.stop)
-            block_weights = _block_weights(chunk, tau, rows, cols, work)
-            norm[lists, rows] = _row_sums(block_weights.to(torch.float64), chunk)
+            block_weights, _, norm[lists, rows] = _weights_and_row_sums(chunk, tau, rows, cols, work)
             scaled = v_rows[lists, rows] / norm[lists, rows, None].to(work)
             out[lists, cols] += torch.bmm(block_weights.transpose(1, 2), scaled)
         return from_sorted(out, terms.order).to(v.dtype), norm, v.new_empty(0, dtype=torch.float64)
@@ -322,14 +318,13 @@ class TorchBackend:
             coefficient = positions(n, x.device, 2, 1)[None, :] - terms.length[:, None].to(torch.float64)
         else:
             coefficient = positions(n, x.device, 2, 1 - n)[None, :].expand(batch, n)
-        blocks = self._blocks(terms)
         if weights is not None and weights.numel():
             columns, tau_terms = _backward_block(terms, tau, slice(0, n), slice(0, n), x64, g64, norm, coefficient,
                                                  need_tau, weights)
         else:
             columns = torch.zeros((batch, n, d + 2), device=x.device, dtype=torch.float64)
             tau_terms = torch.zeros(batch, device=x.device, dtype=torch.float64) if need_tau else None
-            for lists, rows, cols in blocks:
+            for lists, rows, cols in self._blocks(terms):
                 block_columns, block_tau = _backward_block(
                     terms.lists(lists.start, lists.stop), tau, rows, cols, x64[lists, cols], g64[lists, rows],
                     norm[lists, rows], coefficient[lists, rows], need_tau, compute_dtype=compute_dtype(x.dtype))
@@ -342,6 +337,16 @@ class TorchBackend:
         return d_scores, from_sorted(dx, terms.order).to(x.dtype), tau_terms
 
 
+def _weights_and_row_sums(terms: SortedTerms, tau: Tensor, rows: slice, cols: slice, work: torch.dtype
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+    """A block's weights in ``work`` (fp32 or float64), the same in float64 (written over the block's float64
+    logits, no fresh allocation; the very tensor when ``work`` is float64) and their float64 row sums (B, rows)."""
+    logits = _block_logits(terms, tau, rows, cols)
+    block_weights = _block_weights(terms, tau, rows, cols, work, logits=logits)
+    weights = logits.copy_(block_weights) if work != torch.float64 else block_weights
+    return block_weights, weights, _row_sums(weights, terms)
+
+
 def _forward_block(terms: SortedTerms, tau: Tensor, rows: slice, cols: slice, x_cols: Tensor, keep: bool = False
                    ) -> tuple[Tensor, Tensor, Tensor | None]:
     """One block of the forward: (P x (B, rows, d) in x_cols' dtype, row sums (B, rows) float64, and with ``keep``
@@ -349,10 +354,7 @@ def _forward_block(terms: SortedTerms, tau: Tensor, rows: slice, cols: slice, x_
     float64 (the work dtype). Large temporaries are reused in place: on CPU a fresh block-sized allocation costs
     about as much as a pass over it (page faults)."""
     work = x_cols.dtype
-    logits = _block_logits(terms, tau, rows, cols)
-    block_weights = _block_weights(terms, tau, rows, cols, work, logits=logits)
-    weights = logits.copy_(block_weights) if work != torch.float64 else block_weights
-    norm = _row_sums(weights, terms)
+    block_weights, weights, norm = _weights_and_row_sums(terms, tau, rows, cols, work)
     if x_cols.shape[-1] == 1 and x_cols.device.type == "cpu" and work != torch.float64:
         # d = 1: a product and a sum in place (a batched matrix-vector bmm runs 6x slower on CPU)
         out = block_weights.mul_(x_cols.transpose(1, 2)).sum(-1, keepdim=True)
