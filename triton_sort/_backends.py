@@ -25,6 +25,7 @@ from torch import Tensor
 from ._columns import (
     SortedTerms,
     band_threshold,
+    coefficient_rows,
     positions,
     signed_sum,
     sorted_terms,
@@ -204,16 +205,21 @@ class TorchBackend:
         """Whether the forward returns its weights for the backward (the one-shot evaluation: at most
         DENSE_ELEMENTS of them, 32 MiB in float64; CPU_ONE_SHOT_ELEMENTS on CPU) instead of an empty tensor."""
         limit = DENSE_ELEMENTS if torch.device(device).type != "cpu" else min(DENSE_ELEMENTS, CPU_ONE_SHOT_ELEMENTS)
-        return batch * n * n <= limit
+        return 0 < batch * n * n <= limit
+
+    def has_counts(self, batch: int, n: int, device: torch.device | str, masked: bool) -> bool:
+        """Whether ``prepare`` counts ties for ``P_hat @ x`` (``count``, ``less``, ``not_greater``; else empty): all
+        but unmasked one-shot problems, whose backward (``_one_shot_backward``) takes the signs densely."""
+        return masked or not self.saves_weights(batch, n, device)
 
     def has_windows(self, batch: int, n: int, device: torch.device | str) -> bool:
         """Whether ``prepare`` computes the rows' windows (the row blocks) or leaves them empty (dense)."""
         return not self.dense(batch, n, device)
 
     def prepare(self, scores: Tensor, tau: Tensor, banded: bool, values: Tensor | None = None,
-                mask: Tensor | None = None) -> SortedTerms:
+                mask: Tensor | None = None, counts: bool = True) -> SortedTerms:
         terms = sorted_terms(scores, tau, banded, windows=not self.dense(*scores.shape, scores.device),
-                             mask=mask)
+                             mask=mask, counts=counts)
         if not validation_enabled():  # unchecked inputs: the one rule for non-finite values (see poison_lists)
             source = terms.t if mask is None else scores
             terms.t.add_(poison_lists(source, values, mask)[:, None])
@@ -267,7 +273,7 @@ class TorchBackend:
         work = compute_dtype(x.dtype)
         batch, n, d = x.shape
         xw = real_rows(to_sorted(x, terms.order).to(work), terms)
-        if self.saves_weights(batch, n, x.device) and batch and n:  # one block: no accumulators
+        if self.saves_weights(batch, n, x.device):  # one block: no accumulators
             if weights is not None and weights.numel():  # an earlier forward's (float64) weights
                 norm = _row_sums(weights, terms)
                 out = torch.bmm(weights, xw.to(torch.float64)).div_(norm[..., None])
@@ -288,7 +294,7 @@ class TorchBackend:
         work = compute_dtype(v.dtype)
         batch, n, d = v.shape
         v_rows = real_rows(rows_to_output(v, descending, terms).to(work), terms)
-        if self.saves_weights(batch, n, v.device) and batch and n:  # one block: no accumulators
+        if self.saves_weights(batch, n, v.device):  # one block: no accumulators
             block_weights, weights, norm = _weights_and_row_sums(terms, tau, slice(0, n), slice(0, n), work)
             out = torch.bmm(block_weights.transpose(1, 2), v_rows / norm[..., None].to(work))
             return from_sorted(out, terms.order).to(v.dtype), norm, weights
@@ -314,6 +320,10 @@ class TorchBackend:
         batch, n, d = x.shape
         x64 = real_rows(to_sorted(x, terms.order).to(torch.float64), terms)
         g64 = real_rows(rows_to_output(grad, descending, terms).to(torch.float64), terms)
+        if weights is not None and weights.numel() and not terms.masked:
+            gradient, dx, tau_terms = _one_shot_backward(terms, tau, x64, g64, norm, weights, need_tau)
+            d_scores = from_sorted(gradient.div_(tau), terms.order).to(x.dtype)
+            return d_scores, from_sorted(dx, terms.order).to(x.dtype), tau_terms
         if terms.masked:
             coefficient = positions(n, x.device, 2, 1)[None, :] - terms.length[:, None].to(torch.float64)
         else:
@@ -392,6 +402,39 @@ def _backward_block(terms: SortedTerms, tau: Tensor, rows: slice, cols: slice, x
     return torch.cat([dx, r[..., None], c_dz[..., None]], dim=-1), tau_terms
 
 
+def _one_shot_backward(terms: SortedTerms, tau: Tensor, x64: Tensor, g64: Tensor, norm: Tensor, weights: Tensor,
+                       need_tau: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The whole backward of an unmasked one-shot problem from its saved float64 weights (B, n, n), in float64, in
+    sorted coordinates: (tau * d_scores (B, n), d_x (B, n, d), the tau terms (B,) or None). x64 (B, n, d) by sorted
+    position, g64 (B, n, d) by sorted row, norm (B, n).
+
+    dz as in ``_backward_block`` (from the normalised weights, Delta from the very products dz uses); its column
+    sums ``sum_p c_p dz_pm`` and ``r_m`` in one product with the rows [c; 1]; the tie counts ``cnt_m`` and
+    ``sum_k sign(t_m - t_k) r_k`` from the dense signs of the sorted scores' differences (B, n, n), a pass as
+    cheap as the others here and, at these sizes, fewer operations than the windowed paths' counts and prefix
+    sums (MATH.md, section 4)."""
+    probs = weights / norm[..., None]
+    if x64.shape[-1] == 1 and x64.device.type == "cpu":
+        # d = 1: products and sums (a batched matrix-vector bmm runs 6x slower on CPU); one scratch buffer
+        scratch = torch.mul(probs, g64)
+        dx = scratch.sum(1)[..., None]
+        dz = torch.mul(g64, x64.transpose(1, 2), out=scratch)
+    else:
+        dx = torch.bmm(probs.transpose(1, 2), g64)
+        dz = torch.bmm(g64, x64.transpose(1, 2))
+    dz.mul_(probs)  # P_pm g_p . x_m
+    dz.addcmul_(probs, dz.sum(-1, keepdim=True), value=-1)  # - P_pm Delta_p
+    n = terms.n
+    tau_terms = None
+    if need_tau:  # D = -tau * logits
+        tau_terms = _block_logits(terms, tau, slice(0, n), slice(0, n)).mul_(dz).sum((1, 2)).mul_(-tau)
+    c_dz, r = torch.bmm(coefficient_rows(n, dz.device).expand(dz.shape[0], 2, n), dz).unbind(1)
+    signs = torch.sub(terms.t[:, :, None], terms.t[:, None, :], out=probs).sign_()  # sign(t_m - t_k), antisymmetric
+    # u_m - sum_k sign(t_m - t_k) r_k, with u_m = sum_p c_p dz_pm - cnt_m r_m and cnt_m = sum_k sign(t_m - t_k)
+    gradient = torch.bmm(r[:, None, :], signs)[:, 0].addcmul_(signs.sum(-1), r, value=-1).add_(c_dz)
+    return gradient, dx, tau_terms
+
+
 class TritonBackend:
     """Triton kernels; fp32/fp16/bf16 values with fp32 accumulation, drops in float64 (see kernels/).
 
@@ -406,9 +449,13 @@ class TritonBackend:
     def has_windows(batch: int, n: int, device: torch.device | str) -> bool:
         return True
 
+    @staticmethod
+    def has_counts(batch: int, n: int, device: torch.device | str, masked: bool) -> bool:
+        return True
+
     def prepare(self, scores: Tensor, tau: Tensor, banded: bool, values: Tensor | None = None,
-                mask: Tensor | None = None) -> SortedTerms:
-        """Always folds ``poison_lists`` into t (in the kernel, for free)."""
+                mask: Tensor | None = None, counts: bool = True) -> SortedTerms:
+        """Always folds ``poison_lists`` into t (in the kernel, for free), and always counts ties."""
         from .kernels import launch
 
         key = scores.detach() if mask is None else torch.where(mask, scores.detach(), float("inf"))

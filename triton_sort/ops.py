@@ -16,6 +16,7 @@ setup/backward functions as the ops' ``register_autograd``: PyTorch's generated 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -76,14 +77,47 @@ def validate_data(scores: Tensor, x: Tensor | None, tau: Tensor | None, mask: Te
 
 def without_autocast(fn):
     """Run an op's implementation with autocast off: the inputs arrive already cast (``api.autocast_inputs``), and
-    an autocast region around the call must not lower the float64/fp32 work inside to 16 bits."""
+    an autocast region around the call must not lower the float64/fp32 work inside to 16 bits. (The regions are
+    entered only when autocast is on: two context managers per call cost more than a small list's whole forward.)"""
 
     @functools.wraps(fn)
     def run(*args):
-        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
-            return fn(*args)
+        if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
+            with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+                return fn(*args)
+        return fn(*args)
 
     return run
+
+
+# Each custom op's implementation (autocast off), for direct eager calls (``direct_call_allowed``).
+_IMPLEMENTATIONS: dict[object, Callable] = {}
+
+
+def custom_op(name: str):
+    """``torch.library.custom_op(name)`` (no mutated arguments) of ``fn`` run without autocast."""
+
+    def register(fn):
+        run = without_autocast(fn)
+        op = torch.library.custom_op(name, mutates_args=())(run)
+        _IMPLEMENTATIONS[op] = run
+        return op
+
+    return register
+
+
+def direct_call_allowed(args: tuple) -> bool:
+    """Whether an eager call may run an op's implementation itself instead of dispatching the op: no dispatch
+    mode (FakeTensorMode, make_fx, FlopCounterMode...), no functorch transform (vmap, grad) and plain tensors
+    (subclasses such as DTensor see the op whole). The dispatcher's work (schema binding, the custom op's autograd
+    and autocast layers) costs ~70 us per call on CPU, a small list's whole forward; what it would do here is what
+    the autograd.Function around the call already does."""
+    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
+        return False
+    return all(type(arg) in _PLAIN_TENSORS for arg in args if isinstance(arg, Tensor))
+
+
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
 
 def hard_order(scores: Tensor, descending: bool, mask: Tensor | None = None) -> Tensor:
@@ -106,10 +140,12 @@ def _hard_apply(scores: Tensor, x: Tensor, descending: bool, mask: Tensor | None
     return out if ranks is None else out.masked_fill(~ranks, 0)
 
 
-def _fake_terms(scores: Tensor, backend: str, banded: bool) -> tuple[Tensor, ...]:
+def _fake_terms(scores: Tensor, backend: str, banded: bool, counts: bool = True) -> tuple[Tensor, ...]:
     batch, n = scores.shape
     width = n if BACKENDS[backend].has_windows(batch, n, scores.device) else 0
     shapes = {"lower": (batch, width), "upper": (batch, width), "length": (batch,)}
+    if not counts:
+        shapes.update(count=(batch, 0), less=(batch, 0), not_greater=(batch, 0))
     return tuple(scores.new_empty(shapes.get(name, (batch, n)),
                                   dtype=torch.int64 if name in _INDEX_FIELDS else torch.float64)
                  for name in TERM_FIELDS)
@@ -136,17 +172,19 @@ def _forward_calling(op):
 
 
 class DifferentiableOp:
-    """An op's ``autograd.Function``s: eager calls get one whose ``jvp`` raises ``forward_mode_error``; traced calls
-    (torch.compile) one without ``jvp``, which Dynamo cannot trace (it does not run forward mode anyway).
-    ``vmap`` comes from the ops' vmap rules (``generate_vmap_rule``)."""
+    """An op's ``autograd.Function``s. Traced calls (torch.compile) get one without ``jvp``, which Dynamo cannot
+    trace (it does not run forward mode anyway). Eager calls get one whose ``jvp`` raises ``forward_mode_error``:
+    where ``direct_call_allowed``, an old-style function (``forward(ctx, ...)``) that runs the op's implementation
+    itself, else (transforms, dispatch modes, tensor subclasses) one that dispatches the op, with ``setup_context``
+    as functorch needs and ``vmap`` from the ops' vmap rules (``generate_vmap_rule``). Both run the same
+    ``setup_context`` and ``backward``."""
 
     def __init__(self, name: str, op, setup_context, backward, traced_directly: bool = False) -> None:
         def jvp(ctx, *tangents):
             raise forward_mode_error(name)
 
-        # The OpOverload, not the CustomOpDef: Dynamo can trace calls of the former from inside the function.
-        op = op._opoverload
-        self.op, self.traced_directly = op, traced_directly
+        impl, op = _IMPLEMENTATIONS[op], op._opoverload  # the OpOverload: Dynamo traces calls of it in a function
+        self.op, self.impl, self.traced_directly = op, impl, traced_directly
         methods = {
             "generate_vmap_rule": True,
             "forward": staticmethod(_forward_calling(op)),
@@ -156,10 +194,24 @@ class DifferentiableOp:
         self.traced = type(f"{name}_traced", (torch.autograd.Function,), methods)
         self.eager = type(f"{name}_function", (torch.autograd.Function,), {**methods, "jvp": staticmethod(jvp)})
 
+        def direct_forward(ctx, *args):
+            outputs = impl(*args)
+            setup_context(ctx, args, outputs)
+            return outputs
+
+        # No setup_context: autograd.Function.apply then skips binding the arguments to forward's signature
+        # (~50 us per call).
+        self.direct = type(f"{name}_direct", (torch.autograd.Function,), {
+            "forward": staticmethod(direct_forward), "backward": staticmethod(backward), "jvp": staticmethod(jvp)})
+
     def apply(self, *args):
         if torch.compiler.is_compiling():
             return self.op(*args) if self.traced_directly else self.traced.apply(*args)
-        return self.eager.apply(*args)
+        if not direct_call_allowed(args):
+            return self.eager.apply(*args)
+        if self.traced_directly and not torch.is_grad_enabled():
+            return self.impl(*args)  # a backward op outside create_graph: no graph to record
+        return self.direct.apply(*args)
 
 
 def autograd_function(name: str, op, setup_context, backward) -> DifferentiableOp:
@@ -205,8 +257,7 @@ def register_batch_vmap(op, name: str, batched: tuple[int, ...], tau_index: int)
 
 
 # ----------------------------------------------------------------------------------------- P_hat @ x (streaming)
-@torch.library.custom_op("triton_sort::apply", mutates_args=())
-@without_autocast
+@custom_op("triton_sort::apply")
 def sort_apply(scores: Tensor, x: Tensor, tau: Tensor, mask: Tensor | None, descending: bool, hard: bool,
                banded: bool, transpose: bool, backend: str
                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
@@ -219,7 +270,8 @@ def sort_apply(scores: Tensor, x: Tensor, tau: Tensor, mask: Tensor | None, desc
     validate_data(scores, x, tau, mask, value_mask)
     impl = BACKENDS[backend]
     # x by rank (transpose) is not in the items' order that prepare's poisoning reads: poisoned here instead.
-    terms = impl.prepare(scores, tau, banded, None if transpose else x, mask)
+    counts = impl.has_counts(*scores.shape, scores.device, mask is not None)
+    terms = impl.prepare(scores, tau, banded, None if transpose else x, mask, counts)
     if transpose:
         if not validation_enabled():
             terms.t.add_(list_poison(x, value_mask)[:, None])
@@ -236,11 +288,12 @@ def _(scores, x, tau, mask, descending, hard, banded, transpose, backend):
     batch, n = scores.shape
     weights = (batch, n, n) if BACKENDS[backend].saves_weights(batch, n, scores.device) else (0,)
     return (torch.empty_like(x), scores.new_empty(scores.shape, dtype=torch.float64),
-            x.new_empty(weights, dtype=torch.float64), *_fake_terms(scores, backend, banded))
+            x.new_empty(weights, dtype=torch.float64),
+            *_fake_terms(scores, backend, banded, BACKENDS[backend].has_counts(batch, n, scores.device,
+                                                                               mask is not None)))
 
 
-@torch.library.custom_op("triton_sort::apply_backward", mutates_args=())
-@without_autocast
+@custom_op("triton_sort::apply_backward")
 def sort_apply_backward(x: Tensor, grad: Tensor, norm: Tensor, weights: Tensor, tau: Tensor, order: Tensor,
                         t: Tensor, w: Tensor,
                         count: Tensor, less: Tensor, not_greater: Tensor, lower: Tensor, upper: Tensor,
@@ -324,8 +377,7 @@ register_batch_vmap(sort_apply_backward, "relaxed_sort_apply", batched=(0, 1, 2,
 
 
 # ------------------------------------------------------------------------------------------ materialised P_hat
-@torch.library.custom_op("triton_sort::matrix", mutates_args=())
-@without_autocast
+@custom_op("triton_sort::matrix")
 def sort_matrix(scores: Tensor, tau: Tensor, mask: Tensor | None, descending: bool, hard: bool, banded: bool,
                 backend: str
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -353,8 +405,7 @@ def _(scores, tau, mask, descending, hard, banded, backend):
     return (scores.new_empty((*scores.shape, scores.shape[-1])), *_fake_terms(scores, backend, banded))
 
 
-@torch.library.custom_op("triton_sort::matrix_backward", mutates_args=())
-@without_autocast
+@custom_op("triton_sort::matrix_backward")
 def sort_matrix_backward(grad: Tensor, soft: Tensor, tau: Tensor, order: Tensor, t: Tensor, w: Tensor,
                          count: Tensor, less: Tensor, not_greater: Tensor, length: Tensor, descending: bool,
                          need_tau: bool, masked: bool) -> tuple[Tensor, Tensor]:
