@@ -175,6 +175,10 @@ CPU_BLOCK_ELEMENTS = 1 << 17
 # entries (at (64, 100), 640k entries, one shot and blocks of 2^17 took the same time with a third of the
 # operations; at (64, 128), 1M entries, blocks took 13.6 ms and one shot 24.7 ms).
 CPU_ONE_SHOT_ELEMENTS = 768 << 10
+# ... and the one-shot backward from dense signs (``_one_shot_backward``: 9 operations fewer, one more block-sized
+# buffer and pass) only up to this many: measured on 2 cores against the tie counts, forward + backward, 0.9x at
+# (1, 8) and (1, 100), even at 2^16 to 2^17 entries, 1.25-1.4x at (64, 100) and (12, 256).
+CPU_SIGN_ELEMENTS = 1 << 16
 
 
 def block_limit(limit: int, device: torch.device | str) -> int:
@@ -209,8 +213,11 @@ class TorchBackend:
 
     def has_counts(self, batch: int, n: int, device: torch.device | str, masked: bool) -> bool:
         """Whether ``prepare`` counts ties for ``P_hat @ x`` (``count``, ``less``, ``not_greater``; else empty): all
-        but unmasked one-shot problems, whose backward (``_one_shot_backward``) takes the signs densely."""
-        return masked or not self.saves_weights(batch, n, device)
+        but unmasked one-shot problems (on CPU only up to CPU_SIGN_ELEMENTS entries), whose backward
+        (``_one_shot_backward``) takes the signs densely."""
+        if masked or not self.saves_weights(batch, n, device):
+            return True
+        return torch.device(device).type == "cpu" and batch * n * n > CPU_SIGN_ELEMENTS
 
     def has_windows(self, batch: int, n: int, device: torch.device | str) -> bool:
         """Whether ``prepare`` computes the rows' windows (the row blocks) or leaves them empty (dense)."""
@@ -320,7 +327,7 @@ class TorchBackend:
         batch, n, d = x.shape
         x64 = real_rows(to_sorted(x, terms.order).to(torch.float64), terms)
         g64 = real_rows(rows_to_output(grad, descending, terms).to(torch.float64), terms)
-        if weights is not None and weights.numel() and not terms.masked:
+        if weights is not None and weights.numel() and terms.count.shape[-1] < n:  # no counts: dense signs
             gradient, dx, tau_terms = _one_shot_backward(terms, tau, x64, g64, norm, weights, need_tau)
             d_scores = from_sorted(gradient.div_(tau), terms.order).to(x.dtype)
             return d_scores, from_sorted(dx, terms.order).to(x.dtype), tau_terms
