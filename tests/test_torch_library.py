@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from reference import DEVICE
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import triton_sort
 from triton_sort import NeuralSort, relaxed_sort_apply, relaxed_sort_matrix
@@ -105,3 +108,38 @@ def test_compile_module_inductor():
 
 def test_public_api():
     assert {"relaxed_sort_apply", "relaxed_sort_matrix", "NeuralSort"} <= set(triton_sort.__all__)
+
+
+class _OpsSeen(TorchDispatchMode):
+    """Records the names of the operations dispatched inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_eager_calls_match_the_dispatched_ops(transpose):
+    """Plain eager calls run the ops' implementations without dispatching them (ops.direct_call_allowed); under a
+    dispatch mode the ops are dispatched whole. Same values and gradients, bit for bit, both ways."""
+    gen = torch.Generator().manual_seed(8)
+    scores = torch.randn(3, 17, generator=gen, dtype=torch.float64)
+    x = torch.randn(3, 17, 2, generator=gen, dtype=torch.float64)
+    grad = torch.randn(3, 17, 2, generator=gen, dtype=torch.float64)
+    results, recorder = [], _OpsSeen()
+    for mode in (contextlib.nullcontext(), recorder):
+        s, v, tau = scores.clone().requires_grad_(), x.clone().requires_grad_(), _tau(0.3, requires_grad=True)
+        with mode:
+            out = relaxed_sort_apply(s, v, tau, transpose=transpose, backend="torch")
+            results.append((out, *torch.autograd.grad(out, (s, v, tau), grad)))
+    assert {"triton_sort.apply.default", "triton_sort.apply_backward.default"} <= recorder.names
+    for direct, dispatched in zip(*results, strict=True):
+        torch.testing.assert_close(direct, dispatched, rtol=0, atol=0)
+    # Without a mode, the profiler sees no op call: the implementation ran directly.
+    with torch.profiler.profile() as profile:
+        relaxed_sort_apply(scores.clone().requires_grad_(), x, 0.3, backend="torch").sum().backward()
+    assert not [event for event in profile.events() if event.name.startswith("triton_sort::")]
