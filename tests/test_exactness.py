@@ -9,6 +9,7 @@ import torch
 from reference import DEVICE, relative_error, scores_grad_floor
 
 from triton_sort import relaxed_sort_apply, relaxed_sort_matrix
+from triton_sort._backends import dense_drops
 from triton_sort._columns import band_threshold, drop, sorted_terms
 from triton_sort.reference import dense_sort_matrix
 
@@ -167,3 +168,24 @@ def test_row_blocks_of_long_lists_match_the_one_shot_evaluation(monkeypatch, mas
     assert len(backends.TorchBackend()._blocks(sorted_terms(scores, torch.tensor(0.5, dtype=torch.float64)))) > 5
     for one_shot, blocked in zip(*results, strict=True):
         torch.testing.assert_close(blocked, one_shot, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_windows_are_the_exact_band_by_brute_force(masked):
+    """[L_p, R_p] are exactly the columns with D_p(m) <= T tau (monotone drops: one contiguous run), found
+    against every drop evaluated densely: B > 1, odd sizes, ties, padded lists."""
+    gen = torch.Generator().manual_seed(11)
+    for n in (1, 2, 3, 17, 100, 257):
+        scores = torch.randn(3, n, generator=gen) * 2
+        scores[1, ::3] = scores[1, 0]  # ties
+        mask = torch.rand(3, n, generator=gen) < 0.7 if masked else None
+        tau = 0.2
+        terms = sorted_terms(scores, tau, banded=True, mask=mask)
+        drops = dense_drops(terms.t, terms.w)  # (B, p, m)
+        real = torch.arange(n)[None, :] < terms.length[:, None]
+        inside = (drops <= band_threshold(n) * tau) & real[:, None, :]
+        cols = torch.arange(n).expand_as(drops)
+        lower = torch.where(inside, cols, n).amin(-1)
+        upper = torch.where(inside, cols, -1).amax(-1)
+        assert torch.equal(torch.where(real, terms.lower, 0), torch.where(real, lower, 0)), n
+        assert torch.equal(torch.where(real, terms.upper, 0), torch.where(real, upper, 0)), n

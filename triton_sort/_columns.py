@@ -194,24 +194,24 @@ def coefficient_rows(n: int, device: torch.device) -> Tensor:
 
 def _windows(terms: SortedTerms, rows: Tensor, limit: float | Tensor, last: Tensor) -> tuple[Tensor, Tensor]:
     """Per row p, the first and last column m <= last (B, 1) with D_p(m) <= limit (binary search; D_p is
-    monotone)."""
+    monotone). Both searches run at once on (B, 2n) (the first n entries look for L_p in [0, p], the last n for
+    R_p in [p, last]), loop invariants outside the loop: 15 small operations per step, log2(n) + 1 steps."""
     n = terms.n
-    # Leftmost m in [0, p] with D_p(m) <= limit: D_p decreases towards p, where it is 0.
-    lo, hi = torch.zeros_like(rows), rows.clone()
+    upper = torch.cat([torch.zeros_like(rows), torch.ones_like(rows)], 1)  # 1 on the R_p half: mid rounds up
+    lo = torch.cat([torch.zeros_like(rows), rows], 1)
+    hi = torch.cat([rows, last.expand_as(rows)], 1)
+    t_p, w_p = terms.t.repeat(1, 2), terms.w.repeat(1, 2)
+    slope = positions(n, terms.t.device, 2, -1).repeat(2)  # 2p - 1, as in ``drop``
     for _ in range(max(n, 1).bit_length()):
-        mid = (lo + hi) // 2
-        inside = drop(terms, rows, mid) <= limit
-        hi = torch.where(inside, mid, hi)
-        lo = torch.where(inside, lo, mid + 1)
-    lower = hi
-    # Rightmost m in [p, last] with D_p(m) <= limit.
-    lo, hi = rows.clone(), last.expand_as(rows).clone()
-    for _ in range(max(n, 1).bit_length()):
-        mid = (lo + hi + 1) // 2
-        inside = drop(terms, rows, mid) <= limit
-        lo = torch.where(inside, mid, lo)
-        hi = torch.where(inside, hi, mid - 1)
-    return lower, lo
+        mid = (lo + hi).add_(upper).floor_divide_(2)
+        drops = (t_p - torch.gather(terms.t, 1, mid)).mul_(slope).sub_(w_p - torch.gather(terms.w, 1, mid),
+                                                                       alpha=2)
+        # L_p: inside -> hi = mid, else lo = mid + 1. R_p: inside -> lo = mid, else hi = mid - 1.
+        move_hi = (drops <= limit).ne_(upper)
+        below = mid - upper
+        hi = torch.where(move_hi, below, hi)
+        lo = torch.where(move_hi, lo, below.add_(1))
+    return hi[:, :n], lo[:, n:]
 
 
 def signed_sum(terms: SortedTerms, r: Tensor) -> Tensor:
