@@ -100,3 +100,21 @@ def test_module_validates_tau():
     with pytest.raises(ValueError, match="tau"):
         NeuralSort(tau=0.0)
     assert "tau=0.5" in repr(NeuralSort(tau=0.5))
+
+
+@pytest.mark.parametrize("tau", [0.0, -0.0, -1.0, math.inf, -math.inf, math.nan, 1e-310])
+def test_bad_tensor_tau_values(tau):
+    """A tensor tau is checked inside the op, with the data (one sync): the same errors as for numbers."""
+    with pytest.raises(ValueError, match="tau"):
+        relaxed_sort_apply(torch.randn(2, 5), torch.randn(2, 5), torch.tensor(tau, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_finite_inputs_whose_sums_overflow_pass(dtype):
+    """The quick check's sums overflow for finite inputs near their dtype's limit: the per-tensor checks then
+    find them finite, so no error (only a slower check)."""
+    big = torch.finfo(dtype).max
+    scores = torch.tensor([[big, big, -big, 0.5, big]], dtype=dtype)
+    x = torch.full((1, 5), big, dtype=dtype)
+    out = relaxed_sort_apply(scores, x, 1.0, backend="torch")
+    assert out.shape == x.shape

@@ -54,17 +54,15 @@ def validate_data(scores: Tensor, x: Tensor | None, tau: Tensor | None, mask: Te
         scores = scores.masked_fill(~mask, 0)
     if x is not None and value_mask is not None:
         x = x.masked_fill(~value_mask[..., None], 0)
-    # One cheap test first: sums in float64 are finite exactly when every input is, unless finite float64 inputs
-    # near 1e308 overflow them; only then (or on a real error) do the per-tensor checks run.
-    total = scores.sum(dtype=torch.float64)
+    # One cheap test first: a sum is finite when every input is, and log(1 / tau) is finite exactly when tau is
+    # finite and > 0 with a finite inverse. Sums of finite inputs near their dtype's limit may overflow (16-bit
+    # inputs are summed in fp32): only then, or on a real error, do the per-tensor checks run.
+    total = _check_sum(scores)
     if x is not None:
-        total = total + x.sum(dtype=torch.float64)
+        total = total + _check_sum(x)
     if tau is not None:
-        total = total + tau + tau.reciprocal()
-        ok = torch.isfinite(total) & (tau > 0)
-    else:
-        ok = torch.isfinite(total)
-    if bool(ok):
+        total = total + tau.reciprocal().log()
+    if bool(torch.isfinite(total)):
         return
     if not bool(torch.isfinite(scores).all()):
         raise ValueError("scores must be finite: found NaN or infinite values")
@@ -73,6 +71,11 @@ def validate_data(scores: Tensor, x: Tensor | None, tau: Tensor | None, mask: Te
                          "this check; see its docstring for what non-finite values do then)")
     if tau is not None and not bool((tau > 0) & torch.isfinite(tau) & torch.isfinite(tau.reciprocal())):
         raise ValueError(f"tau must be finite and > 0 with a finite inverse, got {float(tau)}")
+
+
+def _check_sum(values: Tensor) -> Tensor:
+    """values' sum, 0-d, in their dtype (fp32 for 16-bit values): one operation, no copy."""
+    return values.sum(dtype=torch.float32 if values.dtype in (torch.float16, torch.bfloat16) else None)
 
 
 def without_autocast(fn):
