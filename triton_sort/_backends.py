@@ -213,9 +213,9 @@ class TorchBackend:
 
     def has_counts(self, batch: int, n: int, device: torch.device | str, masked: bool) -> bool:
         """Whether ``prepare`` counts ties for ``P_hat @ x`` (``count``, ``less``, ``not_greater``; else empty): all
-        but unmasked one-shot problems (on CPU only up to CPU_SIGN_ELEMENTS entries), whose backward
+        but one-shot problems (on CPU only up to CPU_SIGN_ELEMENTS entries), whose backward
         (``_one_shot_backward``) takes the signs densely."""
-        if masked or not self.saves_weights(batch, n, device):
+        if not self.saves_weights(batch, n, device):
             return True
         return torch.device(device).type == "cpu" and batch * n * n > CPU_SIGN_ELEMENTS
 
@@ -327,14 +327,14 @@ class TorchBackend:
         batch, n, d = x.shape
         x64 = real_rows(to_sorted(x, terms.order).to(torch.float64), terms)
         g64 = real_rows(rows_to_output(grad, descending, terms).to(torch.float64), terms)
-        if weights is not None and weights.numel() and terms.count.shape[-1] < n:  # no counts: dense signs
-            gradient, dx, tau_terms = _one_shot_backward(terms, tau, x64, g64, norm, weights, need_tau)
-            d_scores = from_sorted(gradient.div_(tau), terms.order).to(x.dtype)
-            return d_scores, from_sorted(dx, terms.order).to(x.dtype), tau_terms
         if terms.masked:
             coefficient = positions(n, x.device, 2, 1)[None, :] - terms.length[:, None].to(torch.float64)
         else:
             coefficient = positions(n, x.device, 2, 1 - n)[None, :].expand(batch, n)
+        if weights is not None and weights.numel() and terms.count.shape[-1] < n:  # no counts: dense signs
+            gradient, dx, tau_terms = _one_shot_backward(terms, tau, x64, g64, norm, weights, coefficient, need_tau)
+            d_scores = from_sorted(real_rows(gradient, terms).div_(tau), terms.order).to(x.dtype)
+            return d_scores, from_sorted(dx, terms.order).to(x.dtype), tau_terms
         if weights is not None and weights.numel():
             columns, tau_terms = _backward_block(terms, tau, slice(0, n), slice(0, n), x64, g64, norm, coefficient,
                                                  need_tau, weights)
@@ -410,16 +410,18 @@ def _backward_block(terms: SortedTerms, tau: Tensor, rows: slice, cols: slice, x
 
 
 def _one_shot_backward(terms: SortedTerms, tau: Tensor, x64: Tensor, g64: Tensor, norm: Tensor, weights: Tensor,
-                       need_tau: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The whole backward of an unmasked one-shot problem from its saved float64 weights (B, n, n), in float64, in
-    sorted coordinates: (tau * d_scores (B, n), d_x (B, n, d), the tau terms (B,) or None). x64 (B, n, d) by sorted
-    position, g64 (B, n, d) by sorted row, norm (B, n).
+                       coefficient: Tensor, need_tau: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The whole backward of a one-shot problem from its saved float64 weights (B, n, n), in float64, in sorted
+    coordinates: (tau * d_scores (B, n), padded positions not yet zeroed; d_x (B, n, d); the tau terms (B,) or
+    None). x64 (B, n, d) by sorted position, g64 (B, n, d) by sorted row (both 0 on padded positions), norm and
+    the rows' coefficients ``c_p`` (B, n).
 
     dz as in ``_backward_block`` (from the normalised weights, Delta from the very products dz uses); its column
-    sums ``sum_p c_p dz_pm`` and ``r_m`` in one product with the rows [c; 1]; the tie counts ``cnt_m`` and
-    ``sum_k sign(t_m - t_k) r_k`` from the dense signs of the sorted scores' differences (B, n, n), a pass as
-    cheap as the others here and, at these sizes, fewer operations than the windowed paths' counts and prefix
-    sums (MATH.md, section 4)."""
+    sums ``sum_p c_p dz_pm`` and ``r_m`` in one product with the rows [c; 1]; the tie terms from the dense signs
+    ``S_km = sign(t_k - t_m)`` of the sorted scores' differences (B, n, n), in one product with the rows [r; 1 on real
+    items]: ``sum_k r_k S_km = -sum_k sign(t_m - t_k) r_k`` and ``sum_k S_km = -cnt_m`` (S is antisymmetric;
+    padded k weigh 0 in both). A pass as cheap as the others here and, at these sizes, fewer operations than the
+    windowed paths' counts and prefix sums (MATH.md, section 4)."""
     probs = weights / norm[..., None]
     if x64.shape[-1] == 1 and x64.device.type == "cpu":
         # d = 1: products and sums (a batched matrix-vector bmm runs 6x slower on CPU); one scratch buffer
@@ -431,15 +433,21 @@ def _one_shot_backward(terms: SortedTerms, tau: Tensor, x64: Tensor, g64: Tensor
         dz = torch.bmm(g64, x64.transpose(1, 2))
     dz.mul_(probs)  # P_pm g_p . x_m
     dz.addcmul_(probs, dz.sum(-1, keepdim=True), value=-1)  # - P_pm Delta_p
-    n = terms.n
+    batch, n = norm.shape
     tau_terms = None
     if need_tau:  # D = -tau * logits
         tau_terms = _block_logits(terms, tau, slice(0, n), slice(0, n)).mul_(dz).sum((1, 2)).mul_(-tau)
-    c_dz, r = torch.bmm(coefficient_rows(n, dz.device).expand(dz.shape[0], 2, n), dz).unbind(1)
-    signs = torch.sub(terms.t[:, :, None], terms.t[:, None, :], out=probs).sign_()  # sign(t_m - t_k), antisymmetric
-    # u_m - sum_k sign(t_m - t_k) r_k, with u_m = sum_p c_p dz_pm - cnt_m r_m and cnt_m = sum_k sign(t_m - t_k)
-    gradient = torch.bmm(r[:, None, :], signs)[:, 0].addcmul_(signs.sum(-1), r, value=-1).add_(c_dz)
-    return gradient, dx, tau_terms
+    if terms.masked:
+        rows = torch.stack([coefficient, terms.valid().to(torch.float64)], 1)
+        c_dz, r = torch.bmm(rows, dz).unbind(1)
+        real = rows[:, 1]
+    else:
+        c_dz, r = torch.bmm(coefficient_rows(n, dz.device).expand(batch, 2, n), dz).unbind(1)
+        real = coefficient_rows(n, dz.device)[1].expand(batch, n)
+    signs = torch.sub(terms.t[:, :, None], terms.t[:, None, :], out=probs).sign_()  # S_km = sign(t_k - t_m)
+    # u_m - sum_k sign(t_m - t_k) r_k = sum_p c_p dz_pm - cnt_m r_m - sum_k sign(t_m - t_k) r_k
+    ties, minus_count = torch.bmm(torch.stack([r, real], 1), signs).unbind(1)
+    return ties.addcmul_(minus_count, r).add_(c_dz), dx, tau_terms
 
 
 class TritonBackend:

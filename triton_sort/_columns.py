@@ -118,7 +118,6 @@ def sorted_terms(scores: Tensor, tau: float | Tensor, banded: bool = True, windo
         length = torch.full((batch,), n, dtype=torch.int64, device=s.device)
         if n:
             t = t - t[:, n // 2 : n // 2 + 1]
-        searched = t
     else:
         # Padding sorts last (a real NaN/inf, possible with validation off, poisons its list anyway).
         key, order = torch.sort(torch.where(mask, s, float("inf")), dim=-1, stable=True)
@@ -126,7 +125,6 @@ def sorted_terms(scores: Tensor, tau: float | Tensor, banded: bool = True, windo
         valid = index_positions(n, s.device)[None, :] < length[:, None]
         median = torch.gather(key, 1, (length // 2).clamp(max=max(n - 1, 0))[:, None]) if n else key
         t = torch.where(valid, key - median, 0.0)
-        searched = torch.where(valid, t, float("inf"))  # tie counts among the real items only
     # W_m = sum_{q<m} q g_q = sum_{j<=m} (j - 1)(t_j - t_{j-1}), the j = 0 term 0 (a zero gap, prepended).
     w = torch.cumsum(positions(n, s.device, 1, -1) * torch.diff(t, dim=-1, prepend=t[:, :1]), dim=-1) if n else None
     w = t.clone() if w is None else w  # (an empty list's: distinct from t, as a custom op's outputs must be)
@@ -134,6 +132,7 @@ def sorted_terms(scores: Tensor, tau: float | Tensor, banded: bool = True, windo
         less, not_greater = order.new_empty((batch, 0)), order.new_empty((batch, 0))
         count = t.new_empty((batch, 0))
     else:
+        searched = t if mask is None else torch.where(valid, t, float("inf"))  # ties among the real items only
         less = torch.searchsorted(searched, searched, right=False)
         not_greater = torch.searchsorted(searched, searched, right=True)
         if mask is None:
