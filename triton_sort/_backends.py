@@ -181,9 +181,18 @@ CPU_ONE_SHOT_ELEMENTS = 768 << 10
 CPU_SIGN_ELEMENTS = 1 << 16
 
 
-def block_limit(limit: int, device: torch.device | str) -> int:
-    """``limit`` (DENSE_ELEMENTS or BLOCK_ELEMENTS) for blocks on ``device``: capped at CPU_BLOCK_ELEMENTS on CPU."""
-    return min(limit, CPU_BLOCK_ELEMENTS) if torch.device(device).type == "cpu" else limit
+def block_limit(limit: int, device: torch.device | str, cpu_cap: int | None = None) -> int:
+    """``limit`` (DENSE_ELEMENTS or BLOCK_ELEMENTS) for blocks on ``device``: capped at ``cpu_cap`` on CPU
+    (CPU_BLOCK_ELEMENTS unless given)."""
+    if torch.device(device).type != "cpu":
+        return limit
+    return min(limit, CPU_BLOCK_ELEMENTS if cpu_cap is None else cpu_cap)
+
+
+def vector_products_on_cpu(values: Tensor) -> bool:
+    """Whether a block's products with ``values`` (B, m, d) run as an elementwise product and a sum: d = 1 on CPU,
+    where a batched matrix-vector ``bmm`` runs about 6x slower."""
+    return values.shape[-1] == 1 and values.device.type == "cpu"
 
 
 class TorchBackend:
@@ -208,8 +217,7 @@ class TorchBackend:
     def saves_weights(batch: int, n: int, device: torch.device | str) -> bool:
         """Whether the forward returns its weights for the backward (the one-shot evaluation: at most
         DENSE_ELEMENTS of them, 32 MiB in float64; CPU_ONE_SHOT_ELEMENTS on CPU) instead of an empty tensor."""
-        limit = DENSE_ELEMENTS if torch.device(device).type != "cpu" else min(DENSE_ELEMENTS, CPU_ONE_SHOT_ELEMENTS)
-        return 0 < batch * n * n <= limit
+        return 0 < batch * n * n <= block_limit(DENSE_ELEMENTS, device, CPU_ONE_SHOT_ELEMENTS)
 
     def has_counts(self, batch: int, n: int, device: torch.device | str, masked: bool) -> bool:
         """Whether ``prepare`` counts ties for ``P_hat @ x`` (``count``, ``less``, ``not_greater``; else empty): all
@@ -217,7 +225,7 @@ class TorchBackend:
         (``_one_shot_backward``) takes the signs densely."""
         if not self.saves_weights(batch, n, device):
             return True
-        return torch.device(device).type == "cpu" and batch * n * n > CPU_SIGN_ELEMENTS
+        return batch * n * n > block_limit(DENSE_ELEMENTS, device, CPU_SIGN_ELEMENTS)
 
     def has_windows(self, batch: int, n: int, device: torch.device | str) -> bool:
         """Whether ``prepare`` computes the rows' windows (the row blocks) or leaves them empty (dense)."""
@@ -372,8 +380,7 @@ def _forward_block(terms: SortedTerms, tau: Tensor, rows: slice, cols: slice, x_
     about as much as a pass over it (page faults)."""
     work = x_cols.dtype
     block_weights, weights, norm = _weights_and_row_sums(terms, tau, rows, cols, work)
-    if x_cols.shape[-1] == 1 and x_cols.device.type == "cpu" and work != torch.float64:
-        # d = 1: a product and a sum in place (a batched matrix-vector bmm runs 6x slower on CPU)
+    if vector_products_on_cpu(x_cols) and work != torch.float64:  # a product and a sum in place
         out = block_weights.mul_(x_cols.transpose(1, 2)).sum(-1, keepdim=True)
     else:
         out = torch.bmm(block_weights, x_cols)
@@ -394,7 +401,7 @@ def _backward_block(terms: SortedTerms, tau: Tensor, rows: slice, cols: slice, x
     scratch = torch.empty_like(weights)
     inv_norm = norm.reciprocal()[..., None]
     g_scaled = g_rows * inv_norm
-    if x_cols.shape[-1] == 1 and x_cols.device.type == "cpu":
+    if vector_products_on_cpu(x_cols):
         dx = torch.mul(weights, g_scaled, out=scratch).sum(1)[..., None]
         gx = torch.mul(g_rows, x_cols.transpose(1, 2), out=scratch)
     else:
@@ -423,8 +430,7 @@ def _one_shot_backward(terms: SortedTerms, tau: Tensor, x64: Tensor, g64: Tensor
     padded k weigh 0 in both). A pass as cheap as the others here and, at these sizes, fewer operations than the
     windowed paths' counts and prefix sums (MATH.md, section 4)."""
     probs = weights / norm[..., None]
-    if x64.shape[-1] == 1 and x64.device.type == "cpu":
-        # d = 1: products and sums (a batched matrix-vector bmm runs 6x slower on CPU); one scratch buffer
+    if vector_products_on_cpu(x64):  # one scratch buffer
         scratch = torch.mul(probs, g64)
         dx = scratch.sum(1)[..., None]
         dz = torch.mul(g64, x64.transpose(1, 2), out=scratch)
