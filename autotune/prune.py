@@ -121,10 +121,19 @@ def _compile(item: tuple[dict, int]) -> dict:
         compiled = triton.compile(compile_job.source(), target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": config.num_warps, "num_stages": config.num_stages})
     except Exception as exc:  # any compiler failure prunes the configuration; its message is the reason
-        # Triton's messages end with the cause (after the source excerpt); ptxas's end with a repro command.
-        lines = [line for line in str(exc).strip().splitlines() if not line.startswith("Repro command")]
-        return {"error": f"{type(exc).__name__}: {lines[-1] if lines else ''}"}
+        return {"error": f"{type(exc).__name__}: {_compile_error_reason(exc)}"}
     return {"shared_bytes": compiled.metadata.shared, **_ptxas_usage(compiled.asm["ptx"], arch)}
+
+
+def _compile_error_reason(exc: BaseException) -> str:
+    """The cause of a compiler failure, in one line. Triton's messages end with the cause after the source excerpt,
+    but an error inside a called @triton.jit helper shows the caller's line and chains the helper's error; ptxas's
+    end with a repro command."""
+    while exc.__cause__ is not None:  # the innermost chained error names the cause
+        exc = exc.__cause__
+    lines = [line for line in str(exc).strip().splitlines()
+             if line.strip() and not line.startswith("Repro command") and line.strip() != "^"]
+    return lines[-1].strip() if lines else ""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,11 +68,14 @@ class TunableKernel:
             calls.append((args, kwargs))
             return launcher(*args, **kwargs)
 
+        short_max_n = launch.SHORT_MAX_N
         setattr(launch, self.name, recording)
+        launch.SHORT_MAX_N = 0  # the tiled kernels, also where real short lists take the one-launch kernels
         try:
             self.run(scores, x, grad, tau)
         finally:
             setattr(launch, self.name, launcher)
+            launch.SHORT_MAX_N = short_max_n
         if not calls:
             raise RuntimeError(f"running {self.run.__name__} did not launch {self.name}")
         args, kwargs = calls[-1]

@@ -22,7 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .configs import BLOCK_D_CHOICES, MAX_BLOCK_D, KernelConfig, candidate_configs
+from .configs import BLOCK_D_CHOICES, MAX_BLOCK_D, SHORT_ROW_BLOCK, KernelConfig, candidate_configs, short_config
 from .launch import ROW_BLOCKS, dot_precision
 from .neuralsort import (
     apply_backward_kernel,
@@ -31,6 +31,8 @@ from .neuralsort import (
     finish_kernel,
     matrix_forward_kernel,
     prepare_kernel,
+    short_backward_kernel,
+    short_forward_kernel,
 )
 
 VALUE_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -57,6 +59,23 @@ class CompileJob:
                          "n": "i32", "steps": "i32"}
             return _source(prepare_kernel, signature, {"BLOCK": self.config.block_n, "BANDED": self.banded,
                                                        "MASKED": self.masked})
+        if self.kernel == "short_forward":
+            signature = {"SORTED": value, "ORDER": i64, "X": value, "OUT": value, "NORM": f64, "LENGTH": i64,
+                         "T": f64, "W": f64, "COUNT": f64, "LESS": i64, "NOT_GREATER": i64, "LOWER": i64,
+                         "UPPER": i64, "n": "i32", "d": "i32", "steps": "i32", "TAU": f64, "banded": "i32",
+                         "masked": "i32", "descending": "i32"}
+            return _source(short_forward_kernel, signature, {
+                "BLOCK": SHORT_ROW_BLOCK, "BLOCK_M": self.config.block_m,
+                "BLOCK_N": self.config.block_n, "BLOCK_D": self.block_d, "DOT_PRECISION": dot_precision(self.dtype)})
+        if self.kernel == "short_backward":
+            signature = {"T": f64, "W": f64, "LOWER": i64, "UPPER": i64, "LENGTH": i64, "ORDER": i64, "CNT": f64,
+                         "LESS": i64, "NOT_GREATER": i64, "X": value, "G": value, "NORM": f64, "DELTA": f64,
+                         "DX": value, "U": f64, "R": f64, "TAU_TERMS": f64, "PREFIX": f64, "DS": value,
+                         "TAU_ROWS": f64, "n": "i32", "d": "i32", "steps": "i32", "TAU": f64, "descending": "i32"}
+            return _source(short_backward_kernel, signature, {
+                "BLOCK": SHORT_ROW_BLOCK, "BLOCK_M": self.config.block_m, "BLOCK_N": self.config.block_n,
+                "BLOCK_D": self.block_d, "DOT_PRECISION": dot_precision(self.dtype),
+                "SINGLE_D_CHUNK": self.single_d_chunk})
         if self.kernel == "finish":
             signature = {"U": f64, "R": f64, "TAU_TERMS": f64, "LESS": i64, "NOT_GREATER": i64, "ORDER": i64,
                          "PREFIX": f64, "TAU": f64, "DS": value, "TAU_ROWS": f64, "n": "i32"}
@@ -107,6 +126,15 @@ def all_jobs() -> Iterator[CompileJob]:
                 yield CompileJob("prepare", config, dtype, banded=flag)
                 yield CompileJob("prepare", config, dtype, banded=flag, masked=True)
                 yield CompileJob("finish", config, dtype, need_tau=flag)
+    # The one-program-per-list kernels of short lists: one (untuned) configuration per block_d; padding and the tau
+    # gradient are runtime flags there, so there is no masked or tau variant to compile.
+    for dtype in VALUE_DTYPES:
+        for block_d in BLOCK_D_CHOICES:
+            yield CompileJob("short_forward", short_config("apply_forward", block_d), dtype, block_d)
+            yield CompileJob("short_backward", short_config("apply_backward", block_d), dtype, block_d)
+            if block_d == MAX_BLOCK_D:
+                yield CompileJob("short_backward", short_config("apply_backward", block_d), dtype, block_d,
+                                 single_d_chunk=False)
 
 
 def _jobs_without_tau_variants() -> Iterator[CompileJob]:

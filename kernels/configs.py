@@ -53,6 +53,15 @@ def block_d_for(d: int) -> int:
 
 BLOCK_D_CHOICES = (1, 16, 32, 64, 128)
 
+# Lists up to this many items take the one-program-per-list kernels (``short_forward``, ``short_backward``): one
+# launch per pass instead of five, each program running every tile of its list. Longer lists take the tiled
+# kernels, whose grids spread one list over many programs. A bound from reasoning, not yet from a GPU measurement:
+# at n = 256 a list is 8 row tiles of 32, about as many as the tiled grid would give it anyway.
+SHORT_MAX_N = 256
+# Positions per step of the short kernels' row passes (preparation, finish): one step up to SHORT_MAX_N, loops
+# beyond (the kernels serve any n; the threshold is a speed choice, measured by ``triton-sort gpu-check``).
+SHORT_ROW_BLOCK = 256
+
 # The interpreter costs about 3 ms per program per loop step, whatever the tile: large tiles, few steps.
 _INTERPRETER_CONFIG = KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=1)
 
@@ -71,6 +80,13 @@ def gpu_heuristic_config(kernel: str, block_d: int = 1) -> KernelConfig:
         # The (BLOCK_N, BLOCK_D) value tile and float64 accumulators leave room for a 32x32 tile only.
         return KernelConfig(block_m=32, block_n=32, num_warps=4, num_stages=2)
     return KernelConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)
+
+
+def short_config(kernel: str, block_d: int = 1) -> KernelConfig:
+    """Tiles of the one-program-per-list kernels: those of the tiled ``kernel`` whose code they run
+    (``apply_forward`` for ``short_forward``, ``apply_backward`` for ``short_backward``), untuned: a tuned tiled
+    configuration was chosen for many programs per list."""
+    return default_config(kernel, block_d)
 
 
 def candidate_configs(kernel: str, block_d: int = 1) -> list[KernelConfig]:

@@ -2,7 +2,9 @@
 
 Sorted coordinates inside (``triton_sort/_columns.py``), the caller's coordinates outside: values ``x`` by input
 item, outputs and their gradients by output row; the kernels fold the permutations into their loads and stores, so
-a forward + backward is one ``torch.sort`` and five launches, whatever n is, with no host synchronisation.
+a forward + backward is one ``torch.sort`` and five launches, whatever n is, with no host synchronisation. Lists of
+at most ``SHORT_MAX_N`` items take one launch per pass (``short_apply``, ``short_backward``): the same code, one
+program per list.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import torch
 import triton
 from torch import Tensor
 
-from .configs import KernelConfig, block_d_for, launch_config
+from .configs import SHORT_MAX_N, SHORT_ROW_BLOCK, KernelConfig, block_d_for, launch_config, short_config
 from .neuralsort import (
     apply_backward_kernel,
     apply_delta_kernel,
@@ -19,6 +21,8 @@ from .neuralsort import (
     finish_kernel,
     matrix_forward_kernel,
     prepare_kernel,
+    short_backward_kernel,
+    short_forward_kernel,
 )
 
 # Positions per step of the one-program-per-row kernels (prepare, finish): the smallest of these that holds the row
@@ -45,6 +49,21 @@ def row_block(n: int) -> int:
     return next((block for block in ROW_BLOCKS if n <= block), ROW_BLOCKS[-1])
 
 
+def is_short(n: int) -> bool:
+    """Lists this long take the one-program-per-list kernels."""
+    return 0 < n <= SHORT_MAX_N
+
+
+def _empty_terms(batch: int, n: int, device: torch.device, lengths: Tensor | None) -> dict[str, Tensor]:
+    f64 = {"device": device, "dtype": torch.float64}
+    i64 = {"device": device, "dtype": torch.int64}
+    return {"t": torch.empty((batch, n), **f64), "w": torch.empty((batch, n), **f64),
+            "count": torch.empty((batch, n), **f64), "less": torch.empty((batch, n), **i64),
+            "not_greater": torch.empty((batch, n), **i64), "lower": torch.empty((batch, n), **i64),
+            "upper": torch.empty((batch, n), **i64),
+            "length": torch.empty(batch, **i64) if lengths is None else lengths}
+
+
 def prepare(sorted_scores: Tensor, order: Tensor, tau: Tensor, banded: bool, values: Tensor | None = None,
             lengths: Tensor | None = None) -> dict[str, Tensor]:
     """The sorted terms of each row from its sorted scores (B, n) (any float dtype), their order (B, n) int64 and
@@ -52,13 +71,7 @@ def prepare(sorted_scores: Tensor, order: Tensor, tau: Tensor, banded: bool, val
     ``lengths``: padded lists' real items (sorted first), else every list has n. A list with a non-finite score or
     value (``values`` (B, n, d) by input item, contiguous) gets NaN sorted scores (``_backends.poison_lists``)."""
     batch, n = sorted_scores.shape
-    f64 = {"device": sorted_scores.device, "dtype": torch.float64}
-    i64 = {"device": sorted_scores.device, "dtype": torch.int64}
-    terms = {"t": torch.empty((batch, n), **f64), "w": torch.empty((batch, n), **f64),
-             "count": torch.empty((batch, n), **f64), "less": torch.empty((batch, n), **i64),
-             "not_greater": torch.empty((batch, n), **i64), "lower": torch.empty((batch, n), **i64),
-             "upper": torch.empty((batch, n), **i64),
-             "length": torch.empty(batch, **i64) if lengths is None else lengths}
+    terms = _empty_terms(batch, n, sorted_scores.device, lengths)
     if batch and n:
         d = values.shape[-1] if values is not None else 0
         prepare_kernel[(batch,)](
@@ -189,3 +202,48 @@ def finish(u: Tensor, r: Tensor, tau_terms: Tensor | None, less: Tensor, not_gre
         prefix if tau_rows is None else tau_rows, n, BLOCK=row_block(n), NEED_TAU=tau_terms is not None,
         num_warps=4)
     return d_scores, tau_rows
+
+
+def short_apply(sorted_scores: Tensor, order: Tensor, x: Tensor, tau: Tensor, banded: bool, descending: bool,
+                lengths: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """``prepare`` and ``apply_forward`` in one launch for short lists (``is_short(n)``): (the sorted terms, out
+    (B, n, d) by output row, row sums (B, n) float64 by sorted row). x: (B, n, d) by input item, contiguous; it
+    also poisons lists with a non-finite value, as ``prepare`` does with ``values``."""
+    batch, n, d = x.shape
+    terms = _empty_terms(batch, n, x.device, lengths)
+    out = torch.empty_like(x)
+    norm = torch.empty((batch, n), device=x.device, dtype=torch.float64)
+    block_d = block_d_for(d)
+    cfg = short_config("apply_forward", block_d)
+    short_forward_kernel[(batch,)](
+        sorted_scores, order, x, out, norm, terms["length"], terms["t"], terms["w"], terms["count"], terms["less"],
+        terms["not_greater"], terms["lower"], terms["upper"], n, d, bisection_steps(n), tau, int(banded),
+        int(lengths is not None), int(descending), BLOCK=SHORT_ROW_BLOCK, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_D=block_d, DOT_PRECISION=dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return terms, out, norm
+
+
+def short_backward(t: Tensor, w: Tensor, lower: Tensor, upper: Tensor, length: Tensor, order: Tensor, count: Tensor,
+                   less: Tensor, not_greater: Tensor, x: Tensor, grad: Tensor, norm: Tensor, tau: Tensor,
+                   descending: bool, need_tau: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``apply_delta``, ``apply_backward`` and ``finish`` in one launch for short lists (d >= 1): (d_scores (B, n)
+    in x.dtype by input item, dx (B, n, d) by input item, per-row tau terms (B,) float64 or None)."""
+    batch, n, d = x.shape
+    dx = torch.empty_like(x)
+    f64 = {"device": x.device, "dtype": torch.float64}
+    delta, u, r = (torch.empty((batch, n), **f64) for _ in range(3))
+    tau_terms = torch.empty((batch, n), **f64)
+    prefix = torch.empty((batch, n + 1), **f64)
+    d_scores = torch.empty((batch, n), device=x.device, dtype=x.dtype)
+    tau_rows = torch.empty(batch, **f64)  # written always (one compiled variant), returned if need_tau
+    block_d = block_d_for(d)
+    cfg = short_config("apply_backward", block_d)
+    short_backward_kernel[(batch,)](
+        t, w, lower, upper, length, order, count, less, not_greater, x, grad, norm, delta, dx, u, r, tau_terms,
+        prefix, d_scores, tau_rows, n, d, bisection_steps(n), tau, int(descending),
+        BLOCK=SHORT_ROW_BLOCK, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+        DOT_PRECISION=dot_precision(x.dtype), SINGLE_D_CHUNK=d <= block_d, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return d_scores, dx, tau_rows if need_tau else None

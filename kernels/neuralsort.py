@@ -200,10 +200,17 @@ def apply_forward_kernel(
     loads and stores, so no gather or scatter runs outside. Grid (row tiles, B, d chunks). T, W: (B, n) float64;
     LOWER, UPPER, ORDER: (B, n) int64; LENGTH: (B,) int64; X, OUT: (B, n, d); TAU: (1,) float64. d = 0 computes
     the row sums only."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_b = tl.program_id(1).to(tl.int64)
-    scale = _scale(TAU)
-    pid_d = tl.program_id(2).to(tl.int64)
+    _forward_tile(tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64),
+                  T, W, LOWER, UPPER, LENGTH, ORDER, X, OUT, NORM, n, d, _scale(TAU), descending,
+                  BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+
+
+@triton.jit
+def _forward_tile(
+    pid_m, pid_b, pid_d, T, W, LOWER, UPPER, LENGTH, ORDER, X, OUT, NORM, n, d, scale, descending,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One (row tile, batch row, d chunk) of ``apply_forward_kernel``; scale = log2(e) / tau."""
     T, W, LOWER, UPPER, m = _batch_row(T, W, LOWER, UPPER, LENGTH, pid_b, n)
     ORDER += pid_b * n
     X += pid_b * n * d
@@ -245,9 +252,18 @@ def apply_delta_kernel(
     column pass (not g_p . y_p: y carries the forward's rounding, which d_scores would feel where P is nearly a
     permutation). One program per (row tile, batch). NORM, DELTA: (B, n) float64 by sorted row; X (B, n, d) by
     input item, G (B, n, d) by output row (the caller's coordinates)."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_b = tl.program_id(1).to(tl.int64)
-    scale = _scale(TAU)
+    _delta_tile(tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), T, W, LOWER, UPPER, LENGTH, ORDER,
+                X, G, NORM, DELTA, n, d, _scale(TAU), descending, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
+                SINGLE_D_CHUNK)
+
+
+@triton.jit
+def _delta_tile(
+    pid_m, pid_b, T, W, LOWER, UPPER, LENGTH, ORDER, X, G, NORM, DELTA, n, d, scale, descending,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SINGLE_D_CHUNK: tl.constexpr,
+):
+    """One (row tile, batch row) of ``apply_delta_kernel``."""
     T, W, LOWER, UPPER, m = _batch_row(T, W, LOWER, UPPER, LENGTH, pid_b, n)
     ORDER += pid_b * n
     X += pid_b * n * d
@@ -310,10 +326,20 @@ def apply_backward_kernel(
     CNT, NORM, DELTA, U, R, TAU_TERMS: (B, n) float64 by sorted position; X, DX (B, n, d) by input item
     (DX[b, ORDER[m]]), G (B, n, d) by output row; LENGTH (B,) int64. ``steps``: bit_length(n) + 1.
     """
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_b = tl.program_id(1).to(tl.int64)
-    scale = _scale(TAU)
-    pid_d = tl.program_id(2).to(tl.int64)
+    _column_tile(tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64),
+                 T, W, LOWER, UPPER, LENGTH, ORDER, CNT, X, G, NORM, DELTA, DX, U, R, TAU_TERMS, n, d, steps,
+                 _scale(TAU), descending, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, SINGLE_D_CHUNK, NEED_TAU,
+                 TRANSPOSED)
+
+
+@triton.jit
+def _column_tile(
+    pid_n, pid_b, pid_d, T, W, LOWER, UPPER, LENGTH, ORDER, CNT, X, G, NORM, DELTA, DX, U, R, TAU_TERMS, n, d,
+    steps, scale, descending,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SINGLE_D_CHUNK: tl.constexpr, NEED_TAU: tl.constexpr, TRANSPOSED: tl.constexpr,
+):
+    """One (column tile, batch row, d chunk) of ``apply_backward_kernel``."""
     T, W, LOWER, UPPER, m = _batch_row(T, W, LOWER, UPPER, LENGTH, pid_b, n)
     ORDER += pid_b * n
     CNT += pid_b * n
@@ -419,8 +445,19 @@ def prepare_kernel(
     One program per batch row, BLOCK positions at a time. SORTED: (B, n) sorted scores (their dtype); ORDER: (B, n)
     int64; TAU: (1,) float64; T, W, COUNT: (B, n) float64; LESS, NOT_GREATER, LOWER, UPPER: (B, n) int64.
     ``steps``: bit_length(n) + 1 bisection rounds."""
-    batch_row = tl.program_id(0).to(tl.int64)
-    if MASKED:
+    limit = (tl.log(n.to(tl.float64)) + 30.0) * tl.load(TAU)  # _columns.band_threshold(n) * tau
+    _prepare_row(tl.program_id(0).to(tl.int64), SORTED, ORDER, X, d, limit, LENGTH, T, W, COUNT, LESS, NOT_GREATER,
+                 LOWER, UPPER, n, steps, BLOCK, BANDED, MASKED)
+
+
+@triton.jit
+def _prepare_row(
+    batch_row, SORTED, ORDER, X, d, limit, LENGTH, T, W, COUNT, LESS, NOT_GREATER, LOWER, UPPER, n, steps,
+    BLOCK: tl.constexpr, BANDED: tl.constexpr, masked,
+):
+    """``prepare_kernel`` for one batch row; windows where D_p(m) <= ``limit`` (float64) if BANDED. ``masked``:
+    constexpr or runtime (one compiled short kernel serves padded and full lists)."""
+    if masked:
         m = tl.load(LENGTH + batch_row)
     else:
         m = batch_row * 0 + n
@@ -462,7 +499,6 @@ def prepare_kernel(
         carried += increment
     # The second pass reads T and W at other positions than this thread wrote.
     tl.debug_barrier()
-    limit = (tl.log(n.to(tl.float64)) + 30.0) * tl.load(TAU)  # _columns.band_threshold(n) * tau
     last = tl.maximum(m - 1, 0)
     for start in range(0, n, BLOCK):
         p = start + tl.arange(0, BLOCK)
@@ -515,7 +551,16 @@ def finish_kernel(
 
     One program per batch row. U, R, TAU_TERMS: (B, n) float64 by sorted position; PREFIX: (B, n + 1) float64
     scratch; DS: (B, n) in the scores' dtype, by input item; TAU_ROWS: (B,) float64."""
-    row = tl.program_id(0).to(tl.int64)
+    _finish_row(tl.program_id(0).to(tl.int64), U, R, TAU_TERMS, LESS, NOT_GREATER, ORDER, PREFIX, TAU, DS, TAU_ROWS,
+                n, BLOCK, NEED_TAU)
+
+
+@triton.jit
+def _finish_row(
+    row, U, R, TAU_TERMS, LESS, NOT_GREATER, ORDER, PREFIX, TAU, DS, TAU_ROWS, n,
+    BLOCK: tl.constexpr, NEED_TAU: tl.constexpr,
+):
+    """``finish_kernel`` for batch row ``row``."""
     U += row * n
     R += row * n
     TAU_TERMS += row * n
@@ -548,3 +593,64 @@ def finish_kernel(
         tl.store(DS + items, grad.to(tl.float32).to(DS.dtype.element_ty), mask=mask)
     if NEED_TAU:
         tl.store(TAU_ROWS + row, tl.sum(tau_sum, axis=0))
+
+
+# ------------------------------------------------------------------------------------ short rows: one program each
+# A batch of short lists (the common workload: 5 to a few hundred items) is dominated by per-launch costs, not by
+# the O(n^2) work. These kernels run the same code as the five kernels above, one program per list: the forward
+# prepares the list's sorted terms and applies P_hat in one launch, the backward runs the row pass, the column pass
+# and the finish in one launch. Barriers order the phases (each phase reads what other threads of the program
+# stored); the scratch buffers (DELTA, U, R, TAU_TERMS, PREFIX) are plain allocations, not launches.
+
+
+@triton.jit
+def short_forward_kernel(
+    SORTED, ORDER, X, OUT, NORM, LENGTH, T, W, COUNT, LESS, NOT_GREATER, LOWER, UPPER, n, d, steps, TAU, banded,
+    masked, descending,
+    BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """``prepare_kernel`` then ``apply_forward_kernel`` over all row tiles and d chunks of one batch row (grid
+    (B,)): the sorted terms (as ``prepare_kernel`` writes them, for the backward), OUT (B, n, d) by output row and
+    NORM (B, n) float64. ``banded`` (runtime 0/1): windows D_p(m) <= (ln(n) + 30) tau, else full rows (the
+    bisection of an infinite limit); ``masked`` (runtime 0/1): LENGTH holds the lists' lengths, else the kernel
+    writes n. Runtime flags, so one compiled kernel per (dtype, BLOCK_D) serves every call."""
+    batch_row = tl.program_id(0).to(tl.int64)
+    tau = tl.load(TAU)
+    limit = tl.where(banded != 0, (tl.log(n.to(tl.float64)) + 30.0) * tau, float("inf"))
+    _prepare_row(batch_row, SORTED, ORDER, X, d, limit, LENGTH, T, W, COUNT, LESS, NOT_GREATER, LOWER, UPPER, n,
+                 steps, BLOCK, True, masked != 0)
+    tl.debug_barrier()  # the row tiles read terms that other threads stored
+    scale = _scale(TAU)
+    zero = batch_row * 0  # int64 tile indices (the interpreter's loop variables are Python ints)
+    for pid_m in range(0, tl.cdiv(n, BLOCK_M)):
+        for pid_d in range(0, tl.maximum(tl.cdiv(d, BLOCK_D), 1)):
+            _forward_tile(zero + pid_m, batch_row, zero + pid_d, T, W, LOWER, UPPER, LENGTH, ORDER, X,
+                          OUT, NORM, n, d, scale, descending, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+
+
+@triton.jit
+def short_backward_kernel(
+    T, W, LOWER, UPPER, LENGTH, ORDER, CNT, LESS, NOT_GREATER, X, G, NORM, DELTA, DX, U, R, TAU_TERMS, PREFIX, DS,
+    TAU_ROWS, n, d, steps, TAU, descending,
+    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SINGLE_D_CHUNK: tl.constexpr,
+):
+    """``apply_delta_kernel``, ``apply_backward_kernel`` and ``finish_kernel`` of one batch row (grid (B,)), with
+    the same arguments as those; DELTA, U, R, TAU_TERMS (B, n) and PREFIX (B, n + 1) are float64 scratch. Always
+    writes TAU_ROWS (B,): the tau terms cost little next to the tile work and one variant halves the compiled
+    kernels."""
+    batch_row = tl.program_id(0).to(tl.int64)
+    scale = _scale(TAU)
+    zero = batch_row * 0  # int64 tile indices (the interpreter's loop variables are Python ints)
+    for pid_m in range(0, tl.cdiv(n, BLOCK_M)):
+        _delta_tile(zero + pid_m, batch_row, T, W, LOWER, UPPER, LENGTH, ORDER, X, G, NORM, DELTA, n, d,
+                    scale, descending, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, SINGLE_D_CHUNK)
+    tl.debug_barrier()  # the column tiles read every row's Delta
+    for pid_n in range(0, tl.cdiv(n, BLOCK_N)):
+        for pid_d in range(0, tl.cdiv(d, BLOCK_D)):
+            _column_tile(zero + pid_n, batch_row, zero + pid_d, T, W, LOWER, UPPER, LENGTH, ORDER, CNT,
+                         X, G, NORM, DELTA, DX, U, R, TAU_TERMS, n, d, steps, scale, descending, BLOCK_M, BLOCK_N,
+                         BLOCK_D, DOT_PRECISION, SINGLE_D_CHUNK, True, False)
+    tl.debug_barrier()  # the finish reads every column's sums
+    _finish_row(batch_row, U, R, TAU_TERMS, LESS, NOT_GREATER, ORDER, PREFIX, TAU, DS, TAU_ROWS, n, BLOCK, True)

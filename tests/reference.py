@@ -45,7 +45,7 @@ def scores_grad_floor(grad_out: torch.Tensor, x: torch.Tensor, tau: float) -> fl
     """Size of the terms whose differences make up d_scores: P_ij (g_i . x_j - Delta_i) c / tau. When P_hat is
     nearly a permutation those differences, and so the gradient, are tiny next to the terms."""
     n = max(1, x.shape[0] if x.dim() == 1 else x.shape[-2] if x.dim() == 3 else x.shape[-1])
-    return float(grad_out.norm() * x.norm()) / (tau * n**0.5)
+    return float(grad_out.detach().norm() * x.detach().norm()) / (tau * n**0.5)
 
 
 def backend_available(backend: str, dtype: torch.dtype) -> bool:

@@ -17,11 +17,12 @@ import torch
 from triton_sort import relaxed_sort_apply
 from triton_sort.bench import gpu_check
 from triton_sort.bench.schema import COLUMNS
+from triton_sort.kernels import launch
 
 MAX_FILES = 8
 
 
-@pytest.mark.slow  # about a minute of CPU: eight steps, each a fresh process importing torch
+@pytest.mark.slow  # about a minute of CPU: nine steps, each a fresh process importing torch
 def test_dry_run_end_to_end(tmp_path):
     out = tmp_path / "gpu"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # gpu-check sets it for its steps
@@ -92,9 +93,13 @@ def test_without_a_gpu_it_asks_for_dry_run(capsys):
     assert "--dry-run" in capsys.readouterr().err
 
 
-def test_launch_counter_counts_each_kernel_launch():
+def test_launch_counter_counts_each_kernel_launch(monkeypatch):
     scores = torch.randn(2, 9, requires_grad=True)
     x = torch.randn(2, 9, 3, requires_grad=True)
+    with gpu_check.LaunchCounter() as counter:  # a short list: one launch per pass
+        relaxed_sort_apply(scores, x, 1.0, backend="triton").sum().backward()
+    assert counter.counts == {"short_forward_kernel": 1, "short_backward_kernel": 1}
+    monkeypatch.setattr(launch, "SHORT_MAX_N", 0)  # as a long list: the tiled kernels
     with gpu_check.LaunchCounter() as counter:
         relaxed_sort_apply(scores, x, 1.0, backend="triton").sum().backward()
     assert counter.counts == {"prepare_kernel": 1, "apply_forward_kernel": 1, "apply_delta_kernel": 1,

@@ -27,15 +27,16 @@ def test_all_kernels_compile_for_sm80_and_sm90(tmp_path):
     errors = [r for r in results if "error" in r]
     assert not errors, errors[:3]
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert {r["kernel"] for r in results} == {*KERNEL_NAMES, "prepare", "finish"}
+    assert {r["kernel"] for r in results} == {*KERNEL_NAMES, "prepare", "finish", "short_forward", "short_backward"}
     assert {r["arch"] for r in results} == {80, 90}
     assert {r["dtype"] for r in results} == {"fp32", "fp16", "bf16"}
     assert all(r["cubin_bytes"] > 0 for r in results)
     # A (kernel, block_d, dtype, arch, variant) combination missing here would be launched uncompiled-checked:
     # 2 archs x 3 dtypes x (3 candidate configs x (matrix + 5 block_d x 3 apply kernels + multi-chunk delta and
     # backward, + the backward's tau-gradient and transposed variants of its 5 + 1) + 3 row blocks x (prepare x
-    # banded x masked, finish x tau gradient)).
-    assert len(results) == 2 * 3 * (3 * (1 + 5 * 3 + 2 + 2 * 6) + 3 * (4 + 2))
+    # banded x masked, finish x tau gradient) + the short lists' forward and backward at 5 block_d, + the backward's
+    # multi-chunk variant).
+    assert len(results) == 2 * 3 * (3 * (1 + 5 * 3 + 2 + 2 * 6) + 3 * (4 + 2) + 5 * 2 + 1)
     assert any(r["transposed"] for r in results) and any(r["masked"] for r in results)
 
 

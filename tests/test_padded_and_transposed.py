@@ -20,6 +20,7 @@ from triton_sort import (
     relaxed_topk,
     validation,
 )
+from triton_sort.kernels import launch
 from triton_sort.reference import dense_sort_matrix
 
 TAU = 0.4
@@ -57,11 +58,14 @@ def with_garbage(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return garbage
 
 
-@pytest.fixture(params=["torch-one-shot", "torch-chunked", "triton"])
+@pytest.fixture(params=["torch-one-shot", "torch-chunked", "triton-short", "triton-tiled"])
 def path(request, monkeypatch) -> str:
-    """The backend to call: the PyTorch path's one-shot (dense) and chunked evaluations, and the Triton kernels."""
+    """The backend to call: the PyTorch path's one-shot (dense) and chunked evaluations, and the Triton kernels
+    (one launch per pass for short lists, and the tiled kernels that serve long ones)."""
     if request.param == "torch-chunked":
         monkeypatch.setattr(_backends, "DENSE_ELEMENTS", 0)
+    if request.param == "triton-tiled":
+        monkeypatch.setattr(launch, "SHORT_MAX_N", 0)
     return request.param.split("-")[0]
 
 

@@ -139,7 +139,7 @@ def test_loop_finding_leaves_out_slow_paths_and_subroutines():
 def test_every_launchable_kernel_and_configuration_has_a_row():
     """rows_of gives a row to every (kernel, configuration, block_d, dtype, arch) of the compile-only check's list."""
     items = model.all_items((80, 90))
-    assert len(items) == 2 * len(list(all_jobs()))
+    assert len(items) == 2 * len([job for job in all_jobs() if job.kernel not in model.UNMODELLED_KERNELS])
     counts = dict.fromkeys(model.COUNTS, 1.0)
     results = [{**job.describe(), "arch": arch, "origin": "sass", "counts": counts} for job, arch in items]
     results[0] = {**items[0][0].describe(), "arch": 80, "error": "RuntimeError: broken"}

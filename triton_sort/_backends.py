@@ -227,6 +227,11 @@ class TorchBackend:
             return True
         return batch * n * n > block_limit(DENSE_ELEMENTS, device, CPU_SIGN_ELEMENTS)
 
+    @staticmethod
+    def fuses_apply(batch: int, n: int, d: int) -> bool:
+        """Whether ``prepare_and_apply`` serves ``P_hat @ x``: never (``prepare``, then ``apply_forward``)."""
+        return False
+
     def has_windows(self, batch: int, n: int, device: torch.device | str) -> bool:
         """Whether ``prepare`` computes the rows' windows (the row blocks) or leaves them empty (dense)."""
         return not self.dense(batch, n, device)
@@ -461,8 +466,9 @@ class TritonBackend:
 
     A forward is one ``torch.sort`` and two launches (``prepare``, the forward kernel); a backward three launches
     (row pass, column pass, ``finish``): the permutations live in the kernels' loads and stores, and nothing reads
-    a result back to the host. Padded lists cost two more operations (the sort key and the lengths); the kernels
-    take each list's length at run time."""
+    a result back to the host. Short lists (``fuses_apply``: n <= ``kernels.configs.SHORT_MAX_N``) take one launch
+    per pass, one program per list. Padded lists cost two more operations (the sort key and the lengths); the
+    kernels take each list's length at run time."""
 
     name = "triton"
 
@@ -474,17 +480,40 @@ class TritonBackend:
     def has_counts(batch: int, n: int, device: torch.device | str, masked: bool) -> bool:
         return True
 
+    @staticmethod
+    def _sorted(scores: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(sorted scores, order, real items per list or None): padded items sort last (+inf keys)."""
+        key = scores.detach() if mask is None else torch.where(mask, scores.detach(), float("inf"))
+        sorted_scores, order = torch.sort(key, dim=-1, stable=True)
+        return sorted_scores, order, None if mask is None else mask.sum(-1)
+
     def prepare(self, scores: Tensor, tau: Tensor, banded: bool, values: Tensor | None = None,
                 mask: Tensor | None = None, counts: bool = True) -> SortedTerms:
         """Always folds ``poison_lists`` into t (in the kernel, for free), and always counts ties."""
         from .kernels import launch
 
-        key = scores.detach() if mask is None else torch.where(mask, scores.detach(), float("inf"))
-        sorted_scores, order = torch.sort(key, dim=-1, stable=True)
-        lengths = None if mask is None else mask.sum(-1)
+        sorted_scores, order, lengths = self._sorted(scores, mask)
         x = values.detach().contiguous() if values is not None else None
         return SortedTerms(order=order, **launch.prepare(sorted_scores, order, tau.reshape(1), banded, x, lengths),
                            masked=mask is not None)
+
+    @staticmethod
+    def fuses_apply(batch: int, n: int, d: int) -> bool:
+        """Whether ``prepare_and_apply`` serves ``P_hat @ x`` (short lists: one launch after the sort)."""
+        from .kernels import launch
+
+        return batch > 0 and launch.is_short(n)
+
+    def prepare_and_apply(self, scores: Tensor, x: Tensor, tau: Tensor, descending: bool, banded: bool,
+                          mask: Tensor | None = None) -> tuple[SortedTerms, Tensor, Tensor, Tensor]:
+        """``prepare`` and ``apply_forward`` in one launch (``fuses_apply``): (terms, out, row sums, no weights)."""
+        from .kernels import launch
+
+        sorted_scores, order, lengths = self._sorted(scores, mask)
+        terms, out, norm = launch.short_apply(sorted_scores, order, x.contiguous(), tau.reshape(1), banded,
+                                              descending, lengths)
+        return (SortedTerms(order=order, **terms, masked=mask is not None), out, norm,
+                x.new_empty(0, dtype=torch.float64))
 
     @staticmethod
     def _windowed(terms: SortedTerms) -> dict[str, Tensor]:
@@ -530,6 +559,9 @@ class TritonBackend:
 
         inputs = {**self._windowed(terms), "x": x.contiguous(), "grad": grad.contiguous(), "norm": norm,
                   "tau": tau.reshape(1), "descending": descending}
+        if self.fuses_apply(*norm.shape, x.shape[-1]) and x.shape[-1] > 0:  # one launch for short lists
+            return launch.short_backward(**inputs, count=terms.count, less=terms.less,
+                                         not_greater=terms.not_greater, need_tau=need_tau)
         delta = launch.apply_delta(**inputs)
         dx, u, r, tau_terms = launch.apply_backward(**inputs, count=terms.count, delta=delta, need_tau=need_tau)
         d_scores, tau_rows = launch.finish(u, r, tau_terms, terms.less, terms.not_greater, terms.order,

@@ -272,6 +272,11 @@ def sort_apply(scores: Tensor, x: Tensor, tau: Tensor, mask: Tensor | None, desc
     value_mask = rank_mask(mask) if transpose and mask is not None else mask
     validate_data(scores, x, tau, mask, value_mask)
     impl = BACKENDS[backend]
+    if not transpose and impl.fuses_apply(*x.shape):
+        terms, out, norm, weights = impl.prepare_and_apply(scores, x, tau, descending, banded, mask)
+        if hard:
+            out = _hard_apply(scores, x, descending, mask, transpose)
+        return (out, norm, weights, *terms.tensors())
     # x by rank (transpose) is not in the items' order that prepare's poisoning reads: poisoned here instead.
     counts = impl.has_counts(*scores.shape, scores.device, mask is not None)
     terms = impl.prepare(scores, tau, banded, None if transpose else x, mask, counts)

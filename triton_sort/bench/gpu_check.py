@@ -72,6 +72,9 @@ STEPS: tuple[Step, ...] = (
          _internal("compile_and_graphs"), _internal("compile_and_graphs"), 60),
     Step("launches", "Triton kernel launches, CUDA kernels, aten ops and syncs per forward + backward step",
          _internal("launches"), _internal("launches"), 30),
+    Step("short_lists", "one-launch-per-pass kernels of short lists against the tiled kernels and the dense formula "
+         "across n and B: the measured threshold (kernels.configs.SHORT_MAX_N)", _internal("short_lists"),
+         _internal("short_lists"), 90),
     Step("model_vs_measured", "each kernel alone (full windows, default configuration) against the static model's "
          "predicted time per entry", _internal("model_vs_measured"), _internal("model_vs_measured"), 45),
     Step("autotune", "triton-sort autotune for the common workloads' keys (short lists in batches, n up to 2^17)",
@@ -98,6 +101,10 @@ CORRECTNESS_CASES = {
 }
 MEASURE_SIZES = {"gpu": {"batch": 4, "n": 4096, "d": (1, 16, 64), "dtypes": ("fp32", "bf16")},
                  "dry": {"batch": 1, "n": 32, "d": (1,), "dtypes": ("fp32",)}}
+# Sizes of the short-list step: every (n, batch) with n * n * batch at most ``max_entries``, each d.
+SHORT_LIST_SIZES = {"gpu": {"n": (8, 32, 100, 256, 512, 1024, 2048, 4096), "batch": (1, 64, 1024), "d": (1, 16),
+                            "max_entries": 2**32, "dense_max_entries": 2**27},
+                    "dry": {"n": (8, 40), "batch": (2,), "d": (1,), "max_entries": 2**20, "dense_max_entries": 2**20}}
 # The model's device for a normalised device name (``autotune.keys.normalise_device_name``).
 MODEL_DEVICE = {"a100": "a100-sxm4-80gb", "h100": "h100-sxm", "h200": "h200", "gh200": "h200"}
 
@@ -282,6 +289,9 @@ def headline(run: Run, rows: list[dict]) -> dict:
     launches = [r for r in rows if r["metric"] == "triton_launches"]
     if launches:
         out["launches_per_step"] = {r["variant"]: int(r["median"]) for r in launches if r["median"] != ""}
+    threshold = [r for r in rows if r["metric"] == "short_max_n_measured"]
+    if threshold:
+        out["short_max_n_measured"] = {"n": int(threshold[0]["median"]), "note": threshold[0]["note"]}
     ratios = [r for r in rows if r["metric"] == "measured_over_predicted" and r["status"] == "ok"]
     if ratios:
         out["measured_over_predicted"] = {f"{r['variant']} d={r['d']} {r['dtype']}": float(r["median"])
@@ -724,6 +734,70 @@ def step_launches(work: Path, dry: bool) -> dict:
     return _step_status(rows, "counts")
 
 
+def step_short_lists(work: Path, dry: bool) -> dict:
+    """Forward + backward of ``relaxed_sort_apply`` with every list on the short kernels (one launch per pass, one
+    program per list) and on the tiled kernels, on the same inputs, and the dense formula: the largest n up to which
+    the short kernels are no slower at every batch and d is the measured threshold (``short_max_n_measured``)."""
+    import torch
+
+    from .. import relaxed_sort_apply
+    from ..kernels import launch
+    from ..reference import dense_sort_matrix
+
+    device = _device()
+    rows = Rows(work, "short_lists")
+    sizes = SHORT_LIST_SIZES["dry" if dry else "gpu"]
+    configured = launch.SHORT_MAX_N
+    tau = torch.tensor(1.0, dtype=torch.float64, device=device)
+    short_wins: dict[int, bool] = {}
+    paths = {"short": lambda s, v: relaxed_sort_apply(s, v, tau, backend="triton"),
+             "tiled": lambda s, v: relaxed_sort_apply(s, v, tau, backend="triton"),
+             "dense": lambda s, v: dense_sort_matrix(s, tau) @ v}
+    thresholds = {"short": 1 << 40, "tiled": 0, "dense": configured}
+    try:
+        for n in sizes["n"]:
+            for batch in sizes["batch"]:
+                if batch * n * n > sizes["max_entries"]:
+                    continue
+                for d in sizes["d"]:
+                    s, x, g = _inputs(batch, n, d, torch.float32, device, False, n)
+                    case = {"n": n, "d": d, "dtype": "fp32", "batch": batch, "tau": 1.0, "pass": "forward+backward"}
+                    times = {}
+                    for variant, fn in paths.items():
+                        if variant == "dense" and batch * n * n > sizes["dense_max_entries"]:
+                            continue
+                        launch.SHORT_MAX_N = thresholds[variant]
+
+                        def training_step(fn=fn, s=s, x=x, g=g):
+                            scores, values = s.clone().requires_grad_(), x.clone().requires_grad_()
+                            torch.autograd.grad(fn(scores, values), (scores, values), g)
+
+                        try:
+                            times[variant] = _time(training_step, device)
+                            rows.add(f"short_lists/{variant}", "time", times[variant], unit="s", **case)
+                        except Exception as exc:
+                            rows.add(f"short_lists/{variant}", "time", status="failed", note=_error(exc), **case)
+                    launch.SHORT_MAX_N = configured
+                    if "short" in times and "tiled" in times:
+                        rows.add("short_lists/short", "short_over_tiled", times["short"] / times["tiled"],
+                                 unit="ratio", **case)
+                        short_wins[n] = short_wins.get(n, True) and times["short"] <= times["tiled"]
+                    if "short" in times and "dense" in times:
+                        rows.add("short_lists/short", "short_over_dense", times["short"] / times["dense"],
+                                 unit="ratio", **case)
+    finally:
+        launch.SHORT_MAX_N = configured
+    measured = 0
+    for n in sorted(short_wins):  # the short kernels win at every size up to here
+        if not short_wins[n]:
+            break
+        measured = n
+    rows.add("short_lists/threshold", "short_max_n_measured", measured, unit="items",
+             note=f"largest measured n with short <= tiled at every batch and d up to it; configured {configured}"
+             + ("; dry run: interpreter times (meaningless, checks the path)" if dry else ""))
+    return _step_status(rows, "measurements")
+
+
 def step_model_vs_measured(work: Path, dry: bool) -> dict:
     """Each kernel alone with full windows (tau huge) at its default configuration, timed, against the model."""
     import torch
@@ -809,7 +883,7 @@ def _time(fn, device) -> float:
 
 STEP_FUNCTIONS = {"environment": step_environment, "correctness": step_correctness,
                   "compile_and_graphs": step_compile_and_graphs, "launches": step_launches,
-                  "model_vs_measured": step_model_vs_measured}
+                  "short_lists": step_short_lists, "model_vs_measured": step_model_vs_measured}
 
 
 def _run_internal(name: str, work: Path) -> int:
