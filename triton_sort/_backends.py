@@ -175,9 +175,11 @@ CPU_BLOCK_ELEMENTS = 1 << 17
 # entries (at (64, 100), 640k entries, one shot and blocks of 2^17 took the same time with a third of the
 # operations; at (64, 128), 1M entries, blocks took 13.6 ms and one shot 24.7 ms).
 CPU_ONE_SHOT_ELEMENTS = 768 << 10
-# ... and the one-shot backward from dense signs (``_one_shot_backward``: 9 operations fewer, one more block-sized
-# buffer and pass) only up to this many: measured on 2 cores against the tie counts, forward + backward, 0.9x at
-# (1, 8) and (1, 100), even at 2^16 to 2^17 entries, 1.25-1.4x at (64, 100) and (12, 256).
+# ... and the one-shot backward of padded lists from dense signs (``_one_shot_backward``: 9 operations fewer, one
+# more block-sized buffer and pass) only up to this many: measured on 2 cores against the tie counts, forward +
+# backward, 0.9x at (1, 8) and (1, 100), even at 2^16 to 2^17 entries, 1.25-1.4x at (64, 100) and (12, 256).
+# (Unpadded one-shot problems take the lean path, ``_one_shot``, at every one-shot size: measured on 2 cores against
+# the former tie counts, forward + backward, d = 1: 0.90x at (64, 100), 0.87x at (12, 256), 1.02x at (1000, 8).)
 CPU_SIGN_ELEMENTS = 1 << 16
 
 
@@ -221,11 +223,16 @@ class TorchBackend:
 
     def has_counts(self, batch: int, n: int, device: torch.device | str, masked: bool) -> bool:
         """Whether ``prepare`` counts ties for ``P_hat @ x`` (``count``, ``less``, ``not_greater``; else empty): all
-        but one-shot problems (on CPU only up to CPU_SIGN_ELEMENTS entries), whose backward
-        (``_one_shot_backward``) takes the signs densely."""
+        but one-shot problems, whose backward takes the signs densely (``_one_shot``; padded lists on CPU only up to
+        CPU_SIGN_ELEMENTS entries, ``_one_shot_backward``)."""
         if not self.saves_weights(batch, n, device):
             return True
-        return batch * n * n > block_limit(DENSE_ELEMENTS, device, CPU_SIGN_ELEMENTS)
+        return masked and batch * n * n > block_limit(DENSE_ELEMENTS, device, CPU_SIGN_ELEMENTS)
+
+    def lean(self, batch: int, n: int, device: torch.device | str) -> bool:
+        """Whether ``P_hat @ x`` of an unpadded problem takes the lean path (``_one_shot``): every one-shot
+        problem (``saves_weights``)."""
+        return self.saves_weights(batch, n, device)
 
     @staticmethod
     def fuses_apply(batch: int, n: int, d: int) -> bool:

@@ -77,3 +77,21 @@ def validation(enabled: bool) -> Iterator[None]:
         yield
     finally:
         set_validation(previous)
+
+
+# Temperatures made from Python numbers by ``api.check_tau``, which checked their values (finite, > 0, with a finite
+# inverse) before making them: by id, with the tensor itself (so that the id stays its own while it is here).
+_CHECKED_TAUS: dict[int, torch.Tensor] = {}
+
+
+def mark_tau_checked(tau: torch.Tensor) -> torch.Tensor:
+    """Record that ``tau`` (a tensor the library made and never hands out) holds a checked value; return it."""
+    if len(_CHECKED_TAUS) > 1024:
+        _CHECKED_TAUS.clear()
+    _CHECKED_TAUS[id(tau)] = tau
+    return tau
+
+
+def tau_checked(tau: torch.Tensor) -> bool:
+    """Whether ``tau`` is one of ``mark_tau_checked``'s: its data check may be skipped (two operations per call)."""
+    return _CHECKED_TAUS.get(id(tau)) is tau

@@ -9,7 +9,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .ops import APPLY_FUNCTIONS, SortMatrix
+from ._validation import mark_tau_checked
+from .ops import APPLY_FUNCTIONS, LeanApply, SortMatrix, apply_directly
 
 Backend = Literal["auto", "torch", "triton"]
 
@@ -44,7 +45,7 @@ def check_tau(tau: float | Tensor, device: torch.device | str = "cpu") -> Tensor
     if cached is None:
         if len(_TAU_CACHE) > 1024:
             _TAU_CACHE.clear()
-        cached = _TAU_CACHE[key] = torch.tensor(value, dtype=torch.float64, device=device)
+        cached = _TAU_CACHE[key] = mark_tau_checked(torch.tensor(value, dtype=torch.float64, device=device))
     return cached
 
 
@@ -192,8 +193,11 @@ def _apply(name: str, scores: Tensor, x: Tensor, tau: float | Tensor, descending
     flat_mask = _check_mask(scores, mask)
     backend = _resolve_backend(backend, scores)
     _check_flag("banded", banded)
-    out = APPLY_FUNCTIONS[name].apply(_as_batch(scores), values, tau, flat_mask, descending, hard, banded,
-                                      transpose, backend)[0]
+    batch_scores = _as_batch(scores)
+    if apply_directly(batch_scores, values, tau, backend, flat_mask):
+        return LeanApply.apply(batch_scores, values, tau, descending, hard, transpose, name).reshape(x.shape)
+    out = APPLY_FUNCTIONS[name].apply(batch_scores, values, tau, flat_mask, descending, hard, banded, transpose,
+                                      backend)[0]
     return out.reshape(x.shape)
 
 

@@ -31,7 +31,10 @@ from ._backends import (
     signed_sum_gradient,
 )
 from ._columns import TENSOR_FIELDS, SortedTerms, index_positions, positions
-from ._validation import validation_enabled
+from ._one_shot import _constants as lean_constants
+from ._one_shot import gather as gather_sorted
+from ._one_shot import lean_apply, lean_apply_backward
+from ._validation import tau_checked, validation_enabled
 
 TERM_FIELDS = TENSOR_FIELDS
 _INDEX_FIELDS = ("order", "less", "not_greater", "lower", "upper", "length")
@@ -60,10 +63,15 @@ def validate_data(scores: Tensor, x: Tensor | None, tau: Tensor | None, mask: Te
     total = _check_sum(scores)
     if x is not None:
         total = total + _check_sum(x)
-    if tau is not None:
+    if tau is not None and not tau_checked(tau):
         total = total + tau.reciprocal().log()
     if bool(torch.isfinite(total)):
         return
+    raise_non_finite(scores, x, tau)
+
+
+def raise_non_finite(scores: Tensor, x: Tensor | None, tau: Tensor | None) -> None:
+    """The ValueError naming the first non-finite input (scores, x, tau), if any (the slow path of the checks)."""
     if not bool(torch.isfinite(scores).all()):
         raise ValueError("scores must be finite: found NaN or infinite values")
     if x is not None and not bool(torch.isfinite(x).all()):
@@ -259,6 +267,85 @@ def register_batch_vmap(op, name: str, batched: tuple[int, ...], tau_index: int)
     torch.library.register_vmap(op, rule)
 
 
+# ------------------------------------------------------------------------- small unpadded problems (lean path)
+def lean_forward(scores: Tensor, x: Tensor, tau: Tensor, descending: bool, hard: bool, transpose: bool
+                 ) -> tuple[Tensor, ...]:
+    """``_one_shot.lean_apply`` with the data checks (one synchronisation): a non-finite score, value or tau makes
+    the result non-finite (every weight of its list, or of every list, is NaN), so one sum of the result replaces
+    the inputs' own checks; only then do those run, to name the culprit. ``hard``: the exact permutation's
+    values instead (the rest stays for the relaxed backward)."""
+    validate = validation_enabled()
+    result = lean_apply(scores, x, tau, descending, transpose, poison=not validate)
+    if validate:
+        total = result[1].sum()
+        if not tau_checked(tau):
+            total = total.add_(tau.reciprocal().log_())  # log(1 / tau): finite iff tau is valid
+        if bool(total.sub_(total)):  # NaN unless finite
+            raise_non_finite(scores, x, tau)
+    if hard:
+        result = (_hard_apply(scores, x, descending, None, transpose), *result[1:])
+    return result
+
+
+def apply_directly(scores: Tensor, x: Tensor, tau: Tensor, backend: str, mask: Tensor | None) -> bool:
+    """Whether an eager call of the apply op on these canonical inputs may take ``LeanApply`` (the lean path's
+    forward and backward without the op's layers: ~100 us of Python per forward + backward, as much as the work
+    of a short list): the PyTorch path on a small unpadded problem, called directly (``direct_call_allowed``) and
+    outside autocast and tracing. Everything else runs the op, which takes the same lean path inside."""
+    return (backend == "torch" and mask is None and not torch.compiler.is_compiling()
+            and BACKENDS["torch"].lean(*scores.shape, scores.device) and direct_call_allowed((scores, x, tau))
+            and not (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")))
+
+
+class LeanApply(torch.autograd.Function):
+    """The apply op's lean path as one autograd node (see ``apply_directly``); the same functions as the op's
+    implementation and backward, with the same errors for double backward and forward mode."""
+
+    @staticmethod
+    def forward(ctx, scores, x, tau, descending, hard, transpose, name):
+        out, _, _, probs, u, order, b, scaled, saved = lean_forward(scores, x, tau, descending, hard, transpose)
+        ctx.save_for_backward(probs, u, order, b, scaled, saved, tau)
+        ctx.descending, ctx.transpose, ctx.name = descending, transpose, name
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        _, need_x, need_tau = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True: gradients whose own derivatives raise
+            d_scores, d_x, tau_terms = LeanBackward.apply(grad, ctx.descending, ctx.transpose, need_tau, ctx.name,
+                                                          *ctx.saved_tensors)
+        else:
+            probs, u, order, b, scaled, saved, tau = ctx.saved_tensors
+            d_scores, d_x, tau_terms = lean_apply_backward(probs, u, order, b, scaled, saved, grad, tau,
+                                                           ctx.descending, ctx.transpose, need_x, need_tau)
+        tau = ctx.saved_tensors[-1]
+        return d_scores, d_x, tau_gradient(tau, tau_terms) if need_tau else None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise forward_mode_error(ctx.name)
+
+
+class LeanBackward(torch.autograd.Function):
+    """``LeanApply``'s backward as a node of its own (under ``create_graph=True``), whose derivatives raise
+    ``double_backward_error`` (reverse) and ``forward_mode_error`` (forward over reverse)."""
+
+    @staticmethod
+    def forward(ctx, grad, descending, transpose, need_tau, name, probs, u, order, b, scaled, saved, tau):
+        ctx.name = name
+        d_scores, d_x, tau_terms = lean_apply_backward(probs, u, order, b, scaled, saved, grad, tau, descending,
+                                                       transpose, True, need_tau)
+        return d_scores, d_x, u.new_empty(0) if tau_terms is None else tau_terms
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise double_backward_error(ctx.name)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise forward_mode_error(ctx.name)
+
+
 # ----------------------------------------------------------------------------------------- P_hat @ x (streaming)
 @custom_op("triton_sort::apply")
 def sort_apply(scores: Tensor, x: Tensor, tau: Tensor, mask: Tensor | None, descending: bool, hard: bool,
@@ -269,9 +356,14 @@ def sort_apply(scores: Tensor, x: Tensor, tau: Tensor, mask: Tensor | None, desc
     output row, out by item; ``hard``: the exact permutation instead); norm = the row sums in sorted order
     (float64); weights = the PyTorch path's one-shot exp(-D / tau) (B, n, n) or an empty tensor; the terms
     (``TERM_FIELDS``) for the backward. ``mask`` (B, n) bool: padded lists (True for a real item)."""
+    impl = BACKENDS[backend]
+    if backend == "torch" and mask is None and impl.lean(*scores.shape, scores.device):
+        out, _, norm, probs, u, order, b, _, _ = lean_forward(scores, x, tau, descending, hard, transpose)
+        empty, length = order.new_empty((order.shape[0], 0)), torch.full_like(order[:, 0], order.shape[1])
+        return (out, norm, probs, order, u, b, u.new_empty(empty.shape), empty, empty.clone(), empty.clone(),
+                empty.clone(), length)
     value_mask = rank_mask(mask) if transpose and mask is not None else mask
     validate_data(scores, x, tau, mask, value_mask)
-    impl = BACKENDS[backend]
     if not transpose and impl.fuses_apply(*x.shape):
         terms, out, norm, weights = impl.prepare_and_apply(scores, x, tau, descending, banded, mask)
         if hard:
@@ -314,8 +406,14 @@ def sort_apply_backward(x: Tensor, grad: Tensor, norm: Tensor, weights: Tensor, 
     ``transpose`` (the op P_hat^T @ v, x = v by rank, grad = w by item): w . P^T v = v . P w is P_hat @ w contracted
     with v, so d_v = P_hat @ w and d_scores is the plain backward with x = w and output gradient v. ``weights``: the
     forward's one-shot weights (or an empty tensor: recomputed tile by tile)."""
-    terms = SortedTerms(order, t, w, count, less, not_greater, lower, upper, length, masked)
     impl = BACKENDS[backend]
+    if backend == "torch" and not masked and impl.lean(*norm.shape, norm.device):  # t = u, w = b (lean_apply)
+        saved = x.to(torch.float64) if transpose else gather_sorted(x, order)
+        scaled = lean_constants(t.shape[-1], t.device, descending)[0] / tau
+        d_scores, d_x, tau_terms = lean_apply_backward(weights, t, order, w, scaled, saved, grad, tau, descending,
+                                                       transpose, True, need_tau)
+        return d_scores, d_x, norm.new_empty((norm.shape[0], 0)) if tau_terms is None else tau_terms
+    terms = SortedTerms(order, t, w, count, less, not_greater, lower, upper, length, masked)
     if transpose:
         d_x = impl.apply_forward(terms, grad, tau, descending, banded, weights)[0]
         d_scores, _, tau_terms = impl.apply_backward(terms, grad, x, norm, tau, descending, banded, need_tau,

@@ -1,0 +1,101 @@
+"""The PyTorch path's lean evaluation of small unpadded problems (``triton_sort._one_shot``): its eager node
+(``ops.LeanApply``) and the custom op that serves traced and transformed calls run the same functions and agree
+exactly; both match the float64 dense formula, with gradcheck, at odd sizes, with ties and large magnitudes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import triton_sort
+from triton_sort import _backends, ops, relaxed_sort_apply
+from triton_sort.api import check_tau
+from triton_sort.reference import dense_sort_matrix
+
+F64 = torch.float64
+RTOL = ATOL = 1e-9  # against the float64 dense formula, whose own rounding grows with n * |s| / tau
+
+
+def _inputs(batch: int, n: int, d: int, scale: float = 1.0, ties: bool = False, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randn(batch, n, generator=gen, dtype=F64) * scale
+    if ties and n > 2:
+        scores[:, ::3] = scores[:, 1:2]
+    return scores, torch.randn(batch, n, d, generator=gen, dtype=F64), torch.randn(batch, n, d, generator=gen,
+                                                                                  dtype=F64)
+
+
+def _dense(scores, x, tau, descending, transpose):
+    matrix = dense_sort_matrix(scores, tau, descending)
+    return matrix.transpose(-1, -2) @ x if transpose else matrix @ x
+
+
+def _results(fn, scores, x, tau, grad):
+    s, v, t = scores.clone().requires_grad_(), x.clone().requires_grad_(), tau.clone().requires_grad_()
+    out = fn(s, v, t)
+    return (out, *torch.autograd.grad(out, (s, v, t), grad))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 17, 100])
+@pytest.mark.parametrize(("descending", "transpose"), [(True, False), (False, False), (True, True), (False, True)])
+@pytest.mark.parametrize(("scale", "ties"), [(1.0, False), (1.0, True), (1e4, True)])
+def test_lean_path_matches_the_dense_formula(n, descending, transpose, scale, ties):
+    scores, x, grad = _inputs(3, n, 4, scale, ties, seed=n)
+    tau = torch.tensor(0.4 * scale, dtype=F64)
+    assert _backends.TorchBackend().lean(3, n, "cpu")
+    ours = _results(lambda s, v, t: relaxed_sort_apply(s, v, t, descending=descending, transpose=transpose,
+                                                       backend="torch"), scores, x, tau, grad)
+    dense = _results(lambda s, v, t: _dense(s, v, t, descending, transpose), scores, x, tau, grad)
+    for name, a, b in zip(("out", "d_scores", "d_x", "d_tau"), ours, dense, strict=True):
+        scale_of = b.abs().max().clamp(min=1e-300)
+        torch.testing.assert_close(a / scale_of, b / scale_of, rtol=RTOL, atol=ATOL, msg=name)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_lean_path_gradcheck(n, transpose):
+    scores, x, _ = _inputs(2, n, 3, seed=7)
+    scores[0, -1] = scores[0, 0] + 0.3
+    tau = torch.tensor(0.6, dtype=F64, requires_grad=True)
+    fn = lambda s, v, t: relaxed_sort_apply(s, v, t, transpose=transpose, backend="torch")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (scores.requires_grad_(), x.requires_grad_(), tau))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("descending", "transpose", "hard"), [(True, False, False), (False, True, False),
+                                                               (True, True, False), (False, False, True)])
+def test_eager_node_and_custom_op_agree_exactly(dtype, descending, transpose, hard):
+    """``LeanApply`` (eager direct calls) and the op (dispatched: what torch.compile, transforms and tensor
+    subclasses see), forward, both gradients and tau's, bit for bit."""
+    scores, x, grad = (t.to(dtype) for t in _inputs(4, 9, 2, ties=True, seed=3))
+    tau = torch.tensor(0.7, dtype=F64)
+    assert ops.apply_directly(scores, x, check_tau(tau), "torch", None)
+    direct = _results(lambda s, v, t: relaxed_sort_apply(s, v, t, descending=descending, transpose=transpose,
+                                                         hard=hard, backend="torch"), scores, x, tau, grad)
+    function = ops.APPLY_FUNCTIONS["relaxed_sort_apply"].eager  # dispatches triton_sort::apply
+    dispatched = _results(lambda s, v, t: function.apply(s, v, check_tau(t), None, descending, hard, True, transpose,
+                                                         "torch")[0], scores, x, tau, grad)
+    for a, b in zip(direct, dispatched, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_lean_path_is_not_taken_where_it_must_not_be():
+    scores, x, _ = _inputs(2, 8, 1)
+    tau = check_tau(0.5)
+    assert ops.apply_directly(scores, x, tau, "torch", None)
+    assert not ops.apply_directly(scores, x, tau, "triton", None)
+    assert not ops.apply_directly(scores, x, tau, "torch", torch.ones(2, 8, dtype=torch.bool))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the op runs it, with autocast off inside
+        assert not ops.apply_directly(scores, x, tau, "torch", None)
+    assert not _backends.TorchBackend().lean(64, 128, "cpu")  # above the one-shot size on CPU: row blocks
+
+
+def test_checked_python_tau_skips_only_its_own_check():
+    """A Python tau is checked once when made into a tensor; a tensor tau is checked in every call."""
+    scores, x, _ = _inputs(2, 6, 1)
+    assert triton_sort._validation.tau_checked(check_tau(0.25))
+    assert not triton_sort._validation.tau_checked(torch.tensor(0.25, dtype=F64))
+    torch.testing.assert_close(relaxed_sort_apply(scores, x, 0.25), relaxed_sort_apply(scores, x, torch.tensor(0.25)))
+    for bad in (-1.0, 0.0, float("inf")):
+        with pytest.raises(ValueError, match="tau must be finite and > 0"):
+            relaxed_sort_apply(scores, x, torch.tensor(bad, dtype=F64))

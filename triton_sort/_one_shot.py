@@ -1,0 +1,151 @@
+"""Small unpadded problems in one go: the PyTorch path's fewest operations (``TorchBackend.lean``).
+
+Batches of short lists are the common workload, and there a call's cost is its number of small tensor operations,
+not the O(B n^2) work. This evaluation does what the one-shot path does (NeuralSort in sorted coordinates, float64
+drops from prefix sums of gaps, weights saved for the backward, the scores gradient from the dense signs; MATH.md
+sections 1 and 4) in about 20 operations per pass, by working in the output's own order:
+
+- Sorting ``s`` in the output's direction (descending: largest first) gives ``u``, and ``t = sigma u`` with
+  ``sigma = -1`` for descending (+1 ascending) is the ascending sort of ``sigma s``. NeuralSort of ``sigma s`` row
+  ``p`` (coefficient ``2p + 1 - n``) is output row ``p`` of the requested direction (``-(2p + 1 - n)`` is row p's
+  descending coefficient), so rows need no flip; ``sigma`` lives in cached constants and in the order of two
+  subtractions, never in an operation of its own.
+- Logits ``-D_p(m) / tau = k_p (t_p - t_m) + (b_m - b_p)`` with ``k_p = -(2p - 1) / tau`` and
+  ``b_m = -2 W_m / tau``, ``W_m = sum_{q<m} q (t_{q+1} - t_q)`` (the gaps of t are sigma times those of u):
+  differences of sorted scores and of prefix sums of gaps, so a row's own column is exactly 0 (weight 1) and
+  nothing of the size of the scores is formed. Ties need nothing: tied columns have equal logits in every row.
+
+Outputs are float64 until the last cast; inputs are plain ``(B, n)`` scores and ``(B, n, d)`` values.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_CONSTANTS: dict[tuple[int, str, bool], tuple[Tensor, Tensor]] = {}
+
+
+def _constants(n: int, device: torch.device, descending: bool) -> tuple[Tensor, Tensor]:
+    """Per (n, device, direction), cached (a fresh arange is one more launch per call), never written to:
+    ``factors`` (4, n) float64, the rows [-(2p - 1); -2 sigma (p - 1); sigma (2p + 1 - n); sigma] that over tau
+    give (``lean_terms``'s ``scaled``) the slopes ``k``, the gap weights of ``b`` (entry 0, 0, takes the wrap-around
+    difference of a roll) and
+    the rows whose product with dz gives the column sums ``sigma sum_p c_p dz_pm / tau`` and ``sigma r_m / tau``;
+    ``ones`` (n,)."""
+    key = (n, str(device), descending)
+    cached = _CONSTANTS.get(key)
+    if cached is None:
+        if len(_CONSTANTS) > 256:
+            _CONSTANTS.clear()
+        p = torch.arange(n, dtype=torch.float64, device=device)
+        sigma = -1.0 if descending else 1.0
+        gap_weights = ((p - 1) * (-2 * sigma)).index_fill_(0, p[:1].long(), 0.0)  # entry 0: u_0 - u_{n-1} (roll)
+        factors = torch.stack([1 - 2 * p, gap_weights, (2 * p + 1 - n) * sigma, torch.full_like(p, sigma)])
+        cached = _CONSTANTS[key] = (factors, torch.ones_like(p))
+    return cached
+
+
+def _pairwise(u: Tensor, descending: bool) -> Tensor:
+    """``t_p - t_m`` (B, n, n) float64 from u (B, n): the operands' order carries sigma."""
+    return u.unsqueeze(1) - u.unsqueeze(2) if descending else u.unsqueeze(2) - u.unsqueeze(1)
+
+
+def lean_terms(scores: Tensor, tau: Tensor, descending: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(u (B, n) scores sorted in the output's direction, float64; order (B, n) int64, u = scores[order];
+    b (B, n) float64 as above; ``scaled`` (4, n) float64, the constant ``factors`` over tau)."""
+    n = scores.shape[-1]
+    u, order = torch.sort(scores.detach().to(torch.float64), dim=-1, descending=descending, stable=True)
+    scaled = _constants(n, u.device, descending)[0] / tau.detach()
+    b = torch.cumsum(torch.sub(u, u.roll(1, 1)).mul_(scaled[1]), dim=-1)
+    return u, order, b, scaled
+
+
+def lean_logits(u: Tensor, b: Tensor, scaled: Tensor, descending: bool) -> Tensor:
+    """-D_p(m) / tau (B, n, n) float64 by output row p and sorted column m."""
+    return (b.unsqueeze(1) - b.unsqueeze(2)).addcmul_(_pairwise(u, descending), scaled[0].unsqueeze(1))
+
+
+def lean_weights(u: Tensor, b: Tensor, scaled: Tensor, descending: bool) -> tuple[Tensor, Tensor]:
+    """(P_hat in sorted columns (B, n, n) float64, rows summing to 1; the row sums (B, n) float64, >= 1)."""
+    weights = lean_logits(u, b, scaled, descending).exp_()
+    norm = weights.sum(-1)
+    return weights.div_(norm[..., None]), norm
+
+
+def lean_backward(probs: Tensor, u: Tensor, order: Tensor, scaled: Tensor, rows: Tensor, cols: Tensor,
+                  descending: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The scores gradient of ``a . (P b)`` summed over rows: (d_scores (B, n) in input order and ``dtype``;
+    dz (B, n, n) float64, the logits' gradient, for the tau term). ``rows`` (B, n, d) float64 by output row p and
+    ``cols`` (B, n, d) float64 by sorted position m: the output gradient and the sorted values for ``P @ x``, the
+    values and the sorted output gradient for ``P^T @ v``.
+
+    dz_pm = P_pm (a_p . b_m - Delta_p) with Delta_p from the very products dz uses; then, for ``sigma s``, the
+    gradient (sum_p c_p dz_pm - cnt_m r_m - sum_k sign(t_m - t_k) r_k) / tau (MATH.md, section 4), the tie terms
+    from the dense signs S_km = sign(t_k - t_m) (``sum_k S_km = -cnt_m``, S antisymmetric), times sigma for ``s``:
+    folded into the constant rows and the signs' operand order (see ``_constants``)."""
+    batch, n = u.shape
+    dz = torch.bmm(rows, cols.transpose(1, 2)).mul_(probs)
+    dz.addcmul_(probs, dz.sum(-1, keepdim=True), value=-1)
+    column_sums = torch.bmm(scaled[2:].expand(batch, 2, n), dz)  # sigma / tau [sum_p c_p dz_pm, r_m]
+    c_dz, r = column_sums[:, 0], column_sums[:, 1]
+    signs = _pairwise(u, descending).sign_()  # S_km = sign(t_k - t_m)
+    ones = _constants(n, u.device, descending)[1]
+    # [sigma / tau sum_k r_k S_km, sum_k S_km = -cnt_m]: the gradient of sigma s, times sigma: that of s
+    tie_sums = torch.bmm(torch.stack([r, ones.expand(batch, n)], 1), signs)
+    gradient = tie_sums[:, 0].addcmul_(tie_sums[:, 1], r).add_(c_dz)
+    return scatter(gradient, order, dtype), dz
+
+
+def scatter(values: Tensor, order: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, n, ...) by sorted position -> input order, cast to ``dtype``."""
+    values = values.to(dtype)
+    index = order.reshape(*order.shape, *([1] * (values.dim() - 2))).expand_as(values)
+    return torch.empty_like(values).scatter_(1, index, values)
+
+
+def gather(values: Tensor, order: Tensor) -> Tensor:
+    """(B, n, d) in input order -> sorted positions, float64."""
+    return torch.gather(values.detach(), 1, order[..., None].expand_as(values)).to(torch.float64)
+
+
+def lean_apply(scores: Tensor, x: Tensor, tau: Tensor, descending: bool, transpose: bool, poison: bool
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``P_hat @ x`` (x by item, result by output row) or ``P_hat^T @ x`` (``transpose``: x by output row, result
+    by item), in x's dtype; also the same in float64 before its cast (and, transposed, in sorted order), and what
+    the backward needs: (out, product, row sums (B, n), P_hat in sorted columns (B, n, n), u, order, b, scaled,
+    saved), ``saved`` (B, n, d) float64 the sorted values (or, transposed, x itself).
+    ``poison``: a list with a non-finite score or value becomes NaN throughout (validation off, as on every
+    path: ``_backends.poison_lists``)."""
+    u, order, b, scaled = lean_terms(scores, tau, descending)
+    saved = x.detach().to(torch.float64) if transpose else gather(x, order)
+    if poison:  # a non-finite score already makes all of b NaN (the roll's wrap-around gap, times 0)
+        u.add_(saved.sum((1, 2)).mul_(0.0)[:, None])
+    probs, norm = lean_weights(u, b, scaled, descending)
+    if transpose:
+        product = torch.bmm(probs.transpose(1, 2), saved)
+        out = scatter(product, order, x.dtype)
+    else:
+        product = torch.bmm(probs, saved)
+        out = product.to(x.dtype)
+    return out, product, norm, probs, u, order, b, scaled, saved
+
+
+def lean_apply_backward(probs: Tensor, u: Tensor, order: Tensor, b: Tensor, scaled: Tensor, saved: Tensor,
+                        grad: Tensor, tau: Tensor, descending: bool, transpose: bool, need_x: bool, need_tau: bool
+                        ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Gradients of ``lean_apply``'s output: (d_scores (B, n), d_x (B, n, d) or None unless ``need_x``, the tau
+    terms ``sum_pm dz_pm D_p(m)`` (B,) float64 or None unless ``need_tau``; dL/dtau is their sum over tau^2).
+    ``saved``: ``lean_apply``'s; grad (B, n, d) like the output."""
+    dtype = grad.dtype
+    if transpose:  # w . P^T v = v . P w: d_v = P @ w, and the scores term of P @ w with output gradient v
+        rows, cols = saved, gather(grad, order)
+        d_x = torch.bmm(probs, cols).to(dtype) if need_x else None
+    else:
+        rows, cols = grad.to(torch.float64), saved
+        d_x = scatter(torch.bmm(probs.transpose(1, 2), rows), order, dtype) if need_x else None
+    d_scores, dz = lean_backward(probs, u, order, scaled, rows, cols, descending, dtype)
+    tau_terms = None
+    if need_tau:  # D = -tau * logits
+        tau_terms = lean_logits(u, b, scaled, descending).mul_(dz).sum((1, 2)).mul_(tau.detach()).neg_()
+    return d_scores, d_x, tau_terms
