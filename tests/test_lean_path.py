@@ -1,4 +1,4 @@
-"""The PyTorch path's lean evaluation of small unpadded problems (``triton_sort._one_shot``): its eager node
+"""The PyTorch path's lean evaluation of small problems, padded or not (``triton_sort._one_shot``): its eager node
 (``ops.LeanApply``) and the custom op that serves traced and transformed calls run the same functions and agree
 exactly; both match the float64 dense formula, with gradcheck, at odd sizes, with ties and large magnitudes."""
 
@@ -61,19 +61,55 @@ def test_lean_path_gradcheck(n, transpose):
     assert torch.autograd.gradcheck(fn, (scores.requires_grad_(), x.requires_grad_(), tau))
 
 
+@pytest.mark.parametrize(("descending", "transpose"), [(True, False), (False, True), (True, True)])
+def test_padded_lists_match_their_real_items_alone(descending, transpose):
+    """A list of m real items, padding anywhere and holding NaN, gives the dense formula on those m items alone in
+    rows 0..m-1 (transposed: values at ranks 0..m-1), zeros elsewhere, and zero gradients for padded entries."""
+    scores, x, grad = _inputs(4, 11, 3, ties=True, seed=11)
+    mask = torch.rand(4, 11, generator=torch.Generator().manual_seed(2)) < 0.6
+    mask[0], mask[1, 1:] = True, False  # a full list and a single item
+    ranks = torch.arange(11)[None, :] < mask.sum(-1, keepdim=True)
+    scores, x = scores.masked_fill(~mask, float("nan")), x.masked_fill(~(ranks if transpose else mask)[..., None],
+                                                                       float("nan"))
+    tau = torch.tensor(0.45, dtype=F64)
+    s, v, t = scores.clone().requires_grad_(), x.clone().requires_grad_(), tau.clone().requires_grad_()
+    out = relaxed_sort_apply(s, v, t, descending=descending, transpose=transpose, mask=mask, backend="torch")
+    d_s, d_x, d_t = torch.autograd.grad(out, (s, v, t), grad)
+    expected_tau = torch.zeros((), dtype=F64)
+    for b in range(4):
+        real, m = mask[b], int(mask[b].sum())
+        values_at = slice(0, m) if transpose else real
+        ss, vv, tt = scores[b, real].clone().requires_grad_(), x[b, values_at].clone().requires_grad_(), \
+            tau.clone().requires_grad_()
+        ref = _dense(ss, vv, tt, descending, transpose)
+        out_at = real if transpose else slice(0, m)
+        torch.testing.assert_close(out[b, out_at], ref, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(out[b, ~real if transpose else slice(m, None)],
+                                   torch.zeros_like(out[b, ~real if transpose else slice(m, None)]), rtol=0, atol=0)
+        g = grad[b, out_at]
+        r_s, r_x, r_t = torch.autograd.grad(ref, (ss, vv, tt), g)
+        torch.testing.assert_close(d_s[b, real], r_s, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(d_x[b, values_at], r_x, rtol=RTOL, atol=ATOL)
+        assert (d_s[b, ~real] == 0).all() and (d_x[b, slice(m, None) if transpose else ~real] == 0).all()
+        expected_tau = expected_tau + r_t
+    torch.testing.assert_close(d_t, expected_tau, rtol=RTOL, atol=ATOL)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize(("descending", "transpose", "hard"), [(True, False, False), (False, True, False),
-                                                               (True, True, False), (False, False, True)])
-def test_eager_node_and_custom_op_agree_exactly(dtype, descending, transpose, hard):
+@pytest.mark.parametrize(("descending", "transpose", "hard", "masked"), [
+    (True, False, False, False), (False, True, False, False), (True, True, False, True), (False, False, True, False),
+    (True, False, False, True), (False, False, True, True)])
+def test_eager_node_and_custom_op_agree_exactly(dtype, descending, transpose, hard, masked):
     """``LeanApply`` (eager direct calls) and the op (dispatched: what torch.compile, transforms and tensor
     subclasses see), forward, both gradients and tau's, bit for bit."""
     scores, x, grad = (t.to(dtype) for t in _inputs(4, 9, 2, ties=True, seed=3))
+    mask = torch.rand(4, 9, generator=torch.Generator().manual_seed(4)) < 0.7 if masked else None
     tau = torch.tensor(0.7, dtype=F64)
-    assert ops.apply_directly(scores, x, check_tau(tau), "torch", None)
+    assert ops.apply_directly(scores, x, check_tau(tau), "torch")
     direct = _results(lambda s, v, t: relaxed_sort_apply(s, v, t, descending=descending, transpose=transpose,
-                                                         hard=hard, backend="torch"), scores, x, tau, grad)
+                                                         hard=hard, mask=mask, backend="torch"), scores, x, tau, grad)
     function = ops.APPLY_FUNCTIONS["relaxed_sort_apply"].eager  # dispatches triton_sort::apply
-    dispatched = _results(lambda s, v, t: function.apply(s, v, check_tau(t), None, descending, hard, True, transpose,
+    dispatched = _results(lambda s, v, t: function.apply(s, v, check_tau(t), mask, descending, hard, True, transpose,
                                                          "torch")[0], scores, x, tau, grad)
     for a, b in zip(direct, dispatched, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -82,11 +118,10 @@ def test_eager_node_and_custom_op_agree_exactly(dtype, descending, transpose, ha
 def test_lean_path_is_not_taken_where_it_must_not_be():
     scores, x, _ = _inputs(2, 8, 1)
     tau = check_tau(0.5)
-    assert ops.apply_directly(scores, x, tau, "torch", None)
-    assert not ops.apply_directly(scores, x, tau, "triton", None)
-    assert not ops.apply_directly(scores, x, tau, "torch", torch.ones(2, 8, dtype=torch.bool))
+    assert ops.apply_directly(scores, x, tau, "torch")
+    assert not ops.apply_directly(scores, x, tau, "triton")
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the op runs it, with autocast off inside
-        assert not ops.apply_directly(scores, x, tau, "torch", None)
+        assert not ops.apply_directly(scores, x, tau, "torch")
     assert not _backends.TorchBackend().lean(64, 128, "cpu")  # above the one-shot size on CPU: row blocks
 
 

@@ -25,7 +25,6 @@ from torch import Tensor
 from ._columns import (
     SortedTerms,
     band_threshold,
-    coefficient_rows,
     positions,
     signed_sum,
     sorted_terms,
@@ -175,12 +174,9 @@ CPU_BLOCK_ELEMENTS = 1 << 17
 # entries (at (64, 100), 640k entries, one shot and blocks of 2^17 took the same time with a third of the
 # operations; at (64, 128), 1M entries, blocks took 13.6 ms and one shot 24.7 ms).
 CPU_ONE_SHOT_ELEMENTS = 768 << 10
-# ... and the one-shot backward of padded lists from dense signs (``_one_shot_backward``: 9 operations fewer, one
-# more block-sized buffer and pass) only up to this many: measured on 2 cores against the tie counts, forward +
-# backward, 0.9x at (1, 8) and (1, 100), even at 2^16 to 2^17 entries, 1.25-1.4x at (64, 100) and (12, 256).
-# (Unpadded one-shot problems take the lean path, ``_one_shot``, at every one-shot size: measured on 2 cores against
-# the former tie counts, forward + backward, d = 1: 0.90x at (64, 100), 0.87x at (12, 256), 1.02x at (1000, 8).)
-CPU_SIGN_ELEMENTS = 1 << 16
+# One-shot problems, padded or not, take the lean path (``_one_shot``; measured on 2 cores, forward + backward,
+# d = 1, against the former one-shot evaluation with tie counts: 0.90x at (64, 100), 0.87x at (12, 256), 1.02x at
+# (1000, 8); 0.74x at (64, 100) with d = 16).
 
 
 def block_limit(limit: int, device: torch.device | str, cpu_cap: int | None = None) -> int:
@@ -222,16 +218,13 @@ class TorchBackend:
         return 0 < batch * n * n <= block_limit(DENSE_ELEMENTS, device, CPU_ONE_SHOT_ELEMENTS)
 
     def has_counts(self, batch: int, n: int, device: torch.device | str, masked: bool) -> bool:
-        """Whether ``prepare`` counts ties for ``P_hat @ x`` (``count``, ``less``, ``not_greater``; else empty): all
-        but one-shot problems, whose backward takes the signs densely (``_one_shot``; padded lists on CPU only up to
-        CPU_SIGN_ELEMENTS entries, ``_one_shot_backward``)."""
-        if not self.saves_weights(batch, n, device):
-            return True
-        return masked and batch * n * n > block_limit(DENSE_ELEMENTS, device, CPU_SIGN_ELEMENTS)
+        """Whether the terms of ``P_hat @ x`` count ties (``count``, ``less``, ``not_greater``; else empty): all but
+        one-shot problems, whose lean backward takes the signs densely (``_one_shot``)."""
+        return not self.saves_weights(batch, n, device)
 
     def lean(self, batch: int, n: int, device: torch.device | str) -> bool:
-        """Whether ``P_hat @ x`` of an unpadded problem takes the lean path (``_one_shot``): every one-shot
-        problem (``saves_weights``)."""
+        """Whether ``P_hat @ x`` takes the lean path (``_one_shot``), padded or not: every one-shot problem
+        (``saves_weights``)."""
         return self.saves_weights(batch, n, device)
 
     @staticmethod
@@ -291,40 +284,29 @@ class TorchBackend:
                 out[lists, rows].scatter_(2, index, weights.to(dtype))
         return rows_to_output(out, descending, terms)
 
-    def apply_forward(self, terms: SortedTerms, x: Tensor, tau: Tensor, descending: bool, banded: bool,
-                      weights: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def apply_forward(self, terms: SortedTerms, x: Tensor, tau: Tensor, descending: bool, banded: bool
+                      ) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, n, d) in input order -> (P_hat @ x (B, n, d) by output row, row sums (B, n) float64 by sorted row,
-        padded rows 0 and 1; and the one-shot weights for the backward (float64), or an empty tensor). ``weights``:
-        those of an earlier forward. Row sums stay float64: a row's rounding error would rescale all of its dz in
-        the backward, and d_scores is a sum over rows whose contributions largely cancel."""
+        padded rows 0 and 1; an empty tensor: no weights are saved, one-shot problems take the lean path). Row sums
+        stay float64: a row's rounding error would rescale all of its dz in the backward, and d_scores is a sum over
+        rows whose contributions largely cancel."""
         work = compute_dtype(x.dtype)
         batch, n, d = x.shape
         xw = real_rows(to_sorted(x, terms.order).to(work), terms)
-        if self.saves_weights(batch, n, x.device):  # one block: no accumulators
-            if weights is not None and weights.numel():  # an earlier forward's (float64) weights
-                norm = _row_sums(weights, terms)
-                out = torch.bmm(weights, xw.to(torch.float64)).div_(norm[..., None])
-            else:
-                out, norm, weights = _forward_block(terms, tau, slice(0, n), slice(0, n), xw, keep=True)
-            return rows_to_output(out, descending, terms).to(x.dtype), norm, weights
         out = torch.zeros((batch, n, d), device=x.device, dtype=work)
         norm = torch.ones((batch, n), device=x.device, dtype=torch.float64)
         for lists, rows, cols in self._blocks(terms):
-            out[lists, rows], norm[lists, rows], _ = _forward_block(terms.lists(lists.start, lists.stop), tau, rows,
-                                                                    cols, xw[lists, cols])
+            out[lists, rows], norm[lists, rows] = _forward_block(terms.lists(lists.start, lists.stop), tau, rows, cols,
+                                                                 xw[lists, cols])
         return rows_to_output(out, descending, terms).to(x.dtype), norm, x.new_empty(0, dtype=torch.float64)
 
     def apply_transposed(self, terms: SortedTerms, v: Tensor, tau: Tensor, descending: bool,
                          banded: bool) -> tuple[Tensor, Tensor, Tensor]:
-        """v (B, n, d) by output row -> (P_hat^T @ v (B, n, d) by input item, row sums (B, n) float64, the one-shot
-        weights (float64) or an empty tensor). Column sums over row blocks accumulate in float64."""
+        """v (B, n, d) by output row -> (P_hat^T @ v (B, n, d) by input item, row sums (B, n) float64, an empty
+        tensor). Column sums over row blocks accumulate in float64."""
         work = compute_dtype(v.dtype)
         batch, n, d = v.shape
         v_rows = real_rows(rows_to_output(v, descending, terms).to(work), terms)
-        if self.saves_weights(batch, n, v.device):  # one block: no accumulators
-            block_weights, weights, norm = _weights_and_row_sums(terms, tau, slice(0, n), slice(0, n), work)
-            out = torch.bmm(block_weights.transpose(1, 2), v_rows / norm[..., None].to(work))
-            return from_sorted(out, terms.order).to(v.dtype), norm, weights
         out = torch.zeros((batch, n, d), device=v.device, dtype=torch.float64)
         norm = torch.ones((batch, n), device=v.device, dtype=torch.float64)
         for lists, rows, cols in self._blocks(terms):
@@ -335,11 +317,10 @@ class TorchBackend:
         return from_sorted(out, terms.order).to(v.dtype), norm, v.new_empty(0, dtype=torch.float64)
 
     def apply_backward(self, terms: SortedTerms, x: Tensor, grad: Tensor, norm: Tensor, tau: Tensor,
-                       descending: bool, banded: bool, need_tau: bool, weights: Tensor | None = None
-                       ) -> tuple[Tensor, Tensor, Tensor | None]:
+                       descending: bool, banded: bool, need_tau: bool) -> tuple[Tensor, Tensor, Tensor | None]:
         """Gradients of P_hat @ x: (d_scores (B, n), d_x (B, n, d), both in input order, and
         sum_pm dz_pm D_p(m) per batch row (B,) float64 when ``need_tau``, else None). grad: (B, n, d) by output row.
-        ``weights``: the one-shot forward's (float64; else recomputed block by block, as the forward made them).
+        The weights are recomputed block by block, as the forward made them.
 
         Per block, in float64 (``_backward_block``): dz_pm = P_pm (g_p . x_m - Delta_p) with Delta_p recomputed as
         sum_m P_pm (g_p . x_m) from the very weights dz uses, then the column sums dx = P^T g, r_m = sum_p dz_pm and
@@ -351,23 +332,15 @@ class TorchBackend:
             coefficient = positions(n, x.device, 2, 1)[None, :] - terms.length[:, None].to(torch.float64)
         else:
             coefficient = positions(n, x.device, 2, 1 - n)[None, :].expand(batch, n)
-        if weights is not None and weights.numel() and terms.count.shape[-1] < n:  # no counts: dense signs
-            gradient, dx, tau_terms = _one_shot_backward(terms, tau, x64, g64, norm, weights, coefficient, need_tau)
-            d_scores = from_sorted(real_rows(gradient, terms).div_(tau), terms.order).to(x.dtype)
-            return d_scores, from_sorted(dx, terms.order).to(x.dtype), tau_terms
-        if weights is not None and weights.numel():
-            columns, tau_terms = _backward_block(terms, tau, slice(0, n), slice(0, n), x64, g64, norm, coefficient,
-                                                 need_tau, weights)
-        else:
-            columns = torch.zeros((batch, n, d + 2), device=x.device, dtype=torch.float64)
-            tau_terms = torch.zeros(batch, device=x.device, dtype=torch.float64) if need_tau else None
-            for lists, rows, cols in self._blocks(terms):
-                block_columns, block_tau = _backward_block(
-                    terms.lists(lists.start, lists.stop), tau, rows, cols, x64[lists, cols], g64[lists, rows],
-                    norm[lists, rows], coefficient[lists, rows], need_tau, compute_dtype=compute_dtype(x.dtype))
-                columns[lists, cols] += block_columns
-                if need_tau:
-                    tau_terms[lists] += block_tau
+        columns = torch.zeros((batch, n, d + 2), device=x.device, dtype=torch.float64)
+        tau_terms = torch.zeros(batch, device=x.device, dtype=torch.float64) if need_tau else None
+        for lists, rows, cols in self._blocks(terms):
+            block_columns, block_tau = _backward_block(
+                terms.lists(lists.start, lists.stop), tau, rows, cols, x64[lists, cols], g64[lists, rows],
+                norm[lists, rows], coefficient[lists, rows], need_tau, compute_dtype=compute_dtype(x.dtype))
+            columns[lists, cols] += block_columns
+            if need_tau:
+                tau_terms[lists] += block_tau
         dx, r = columns[..., :d], columns[..., d]
         u = columns[..., d + 1] - terms.count * r
         d_scores = signed_sum_gradient(terms, u, r, tau, x.dtype)
@@ -384,32 +357,30 @@ def _weights_and_row_sums(terms: SortedTerms, tau: Tensor, rows: slice, cols: sl
     return block_weights, weights, _row_sums(weights, terms)
 
 
-def _forward_block(terms: SortedTerms, tau: Tensor, rows: slice, cols: slice, x_cols: Tensor, keep: bool = False
-                   ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """One block of the forward: (P x (B, rows, d) in x_cols' dtype, row sums (B, rows) float64, and with ``keep``
-    the block's weights in float64 for the backward, else None). x_cols: (B, cols, d) by sorted position, fp32 or
-    float64 (the work dtype). Large temporaries are reused in place: on CPU a fresh block-sized allocation costs
-    about as much as a pass over it (page faults)."""
+def _forward_block(terms: SortedTerms, tau: Tensor, rows: slice, cols: slice, x_cols: Tensor
+                   ) -> tuple[Tensor, Tensor]:
+    """One block of the forward: (P x (B, rows, d) in x_cols' dtype, row sums (B, rows) float64). x_cols:
+    (B, cols, d) by sorted position, fp32 or float64 (the work dtype). Large temporaries are reused in place: on CPU
+    a fresh block-sized allocation costs about as much as a pass over it (page faults)."""
     work = x_cols.dtype
-    block_weights, weights, norm = _weights_and_row_sums(terms, tau, rows, cols, work)
+    block_weights, _, norm = _weights_and_row_sums(terms, tau, rows, cols, work)
     if vector_products_on_cpu(x_cols) and work != torch.float64:  # a product and a sum in place
         out = block_weights.mul_(x_cols.transpose(1, 2)).sum(-1, keepdim=True)
     else:
         out = torch.bmm(block_weights, x_cols)
-    return out.div_(norm[..., None]), norm, weights if keep else None
+    return out.div_(norm[..., None]), norm
 
 
 def _backward_block(terms: SortedTerms, tau: Tensor, rows: slice, cols: slice, x_cols: Tensor, g_rows: Tensor,
-                    norm: Tensor, coefficient: Tensor, need_tau: bool, weights: Tensor | None = None,
-                    compute_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor | None]:
+                    norm: Tensor, coefficient: Tensor, need_tau: bool, compute_dtype: torch.dtype = torch.float32
+                    ) -> tuple[Tensor, Tensor | None]:
     """One block of the backward, float64: (columns (B, cols, d + 2) = [P^T g, sum_p dz_pm, sum_p c_p dz_pm] and
     the tau terms sum_pm dz_pm D_p(m) (B,) if ``need_tau``). x_cols (B, cols, d), g_rows (B, rows, d), norm and
-    coefficient (B, rows) float64; ``weights``: the block's saved float64 weights (never written to), else they are
-    recomputed as the forward made them (``compute_dtype``). One block-sized scratch buffer, reused in place."""
-    logits = _block_logits(terms, tau, rows, cols) if need_tau or weights is None else None
-    if weights is None:
-        block_weights = _block_weights(terms, tau, rows, cols, compute_dtype, logits=logits)
-        weights = block_weights.to(torch.float64) if need_tau else logits.copy_(block_weights)
+    coefficient (B, rows) float64; the weights are recomputed as the forward made them (``compute_dtype``). One
+    block-sized scratch buffer, reused in place."""
+    logits = _block_logits(terms, tau, rows, cols)
+    block_weights = _block_weights(terms, tau, rows, cols, compute_dtype, logits=logits)
+    weights = block_weights.to(torch.float64) if need_tau else logits.copy_(block_weights)
     scratch = torch.empty_like(weights)
     inv_norm = norm.reciprocal()[..., None]
     g_scaled = g_rows * inv_norm
@@ -426,46 +397,6 @@ def _backward_block(terms: SortedTerms, tau: Tensor, rows: slice, cols: slice, x
     tau_terms = logits.mul_(dz).sum((1, 2)).mul_(-tau) if need_tau else None  # D = -tau * logits
     c_dz = dz.mul_(coefficient[..., None]).sum(1)
     return torch.cat([dx, r[..., None], c_dz[..., None]], dim=-1), tau_terms
-
-
-def _one_shot_backward(terms: SortedTerms, tau: Tensor, x64: Tensor, g64: Tensor, norm: Tensor, weights: Tensor,
-                       coefficient: Tensor, need_tau: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The whole backward of a one-shot problem from its saved float64 weights (B, n, n), in float64, in sorted
-    coordinates: (tau * d_scores (B, n), padded positions not yet zeroed; d_x (B, n, d); the tau terms (B,) or
-    None). x64 (B, n, d) by sorted position, g64 (B, n, d) by sorted row (both 0 on padded positions), norm and
-    the rows' coefficients ``c_p`` (B, n).
-
-    dz as in ``_backward_block`` (from the normalised weights, Delta from the very products dz uses); its column
-    sums ``sum_p c_p dz_pm`` and ``r_m`` in one product with the rows [c; 1]; the tie terms from the dense signs
-    ``S_km = sign(t_k - t_m)`` of the sorted scores' differences (B, n, n), in one product with the rows [r; 1 on real
-    items]: ``sum_k r_k S_km = -sum_k sign(t_m - t_k) r_k`` and ``sum_k S_km = -cnt_m`` (S is antisymmetric;
-    padded k weigh 0 in both). A pass as cheap as the others here and, at these sizes, fewer operations than the
-    windowed paths' counts and prefix sums (MATH.md, section 4)."""
-    probs = weights / norm[..., None]
-    if vector_products_on_cpu(x64):  # one scratch buffer
-        scratch = torch.mul(probs, g64)
-        dx = scratch.sum(1)[..., None]
-        dz = torch.mul(g64, x64.transpose(1, 2), out=scratch)
-    else:
-        dx = torch.bmm(probs.transpose(1, 2), g64)
-        dz = torch.bmm(g64, x64.transpose(1, 2))
-    dz.mul_(probs)  # P_pm g_p . x_m
-    dz.addcmul_(probs, dz.sum(-1, keepdim=True), value=-1)  # - P_pm Delta_p
-    batch, n = norm.shape
-    tau_terms = None
-    if need_tau:  # D = -tau * logits
-        tau_terms = _block_logits(terms, tau, slice(0, n), slice(0, n)).mul_(dz).sum((1, 2)).mul_(-tau)
-    if terms.masked:
-        rows = torch.stack([coefficient, terms.valid().to(torch.float64)], 1)
-        c_dz, r = torch.bmm(rows, dz).unbind(1)
-        real = rows[:, 1]
-    else:
-        c_dz, r = torch.bmm(coefficient_rows(n, dz.device).expand(batch, 2, n), dz).unbind(1)
-        real = coefficient_rows(n, dz.device)[1].expand(batch, n)
-    signs = torch.sub(terms.t[:, :, None], terms.t[:, None, :], out=probs).sign_()  # S_km = sign(t_k - t_m)
-    # u_m - sum_k sign(t_m - t_k) r_k = sum_p c_p dz_pm - cnt_m r_m - sum_k sign(t_m - t_k) r_k
-    ties, minus_count = torch.bmm(torch.stack([r, real], 1), signs).unbind(1)
-    return ties.addcmul_(minus_count, r).add_(c_dz), dx, tau_terms
 
 
 class TritonBackend:
@@ -538,8 +469,8 @@ class TritonBackend:
     def saves_weights(batch: int, n: int, device: torch.device | str) -> bool:
         return False
 
-    def apply_forward(self, terms: SortedTerms, x: Tensor, tau: Tensor, descending: bool, banded: bool,
-                      weights: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def apply_forward(self, terms: SortedTerms, x: Tensor, tau: Tensor, descending: bool, banded: bool
+                      ) -> tuple[Tensor, Tensor, Tensor]:
         """(out, row sums, an empty tensor: the kernels save no weights)."""
         from .kernels import launch
 
@@ -558,8 +489,7 @@ class TritonBackend:
         return out, norm, v.new_empty(0, dtype=torch.float64)
 
     def apply_backward(self, terms: SortedTerms, x: Tensor, grad: Tensor, norm: Tensor, tau: Tensor,
-                       descending: bool, banded: bool, need_tau: bool, weights: Tensor | None = None
-                       ) -> tuple[Tensor, Tensor, Tensor | None]:
+                       descending: bool, banded: bool, need_tau: bool) -> tuple[Tensor, Tensor, Tensor | None]:
         """Two passes over the tiles, as the column pass needs each row's Delta (a row pass first), then the
         scores gradient from the column sums (``finish``)."""
         from .kernels import launch

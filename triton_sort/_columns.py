@@ -175,22 +175,6 @@ def positions(n: int, device: torch.device, scale: float = 1, shift: float = 0) 
     return cached
 
 
-_COEFFICIENT_ROWS: dict[tuple[int, str], Tensor] = {}
-
-
-def coefficient_rows(n: int, device: torch.device) -> Tensor:
-    """(2, n) float64: the rows' coefficients ``c_p = 2p + 1 - n`` over a row of ones, cached like ``positions``
-    (one product with them gives a block's column sums ``sum_p c_p dz_pm`` and ``sum_p dz_pm``)."""
-    key = (n, str(device))
-    cached = _COEFFICIENT_ROWS.get(key)
-    if cached is None:
-        if len(_COEFFICIENT_ROWS) > 256:
-            _COEFFICIENT_ROWS.clear()
-        cached = torch.stack([positions(n, device, 2, 1 - n), torch.ones(n, dtype=torch.float64, device=device)])
-        cached = _COEFFICIENT_ROWS[key] = cached
-    return cached
-
-
 def _windows(terms: SortedTerms, rows: Tensor, limit: float | Tensor, last: Tensor) -> tuple[Tensor, Tensor]:
     """Per row p, the first and last column m <= last (B, 1) with D_p(m) <= limit (binary search; D_p is
     monotone). Both searches run at once on (B, 2n) (the first n entries look for L_p in [0, p], the last n for

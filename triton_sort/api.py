@@ -194,8 +194,9 @@ def _apply(name: str, scores: Tensor, x: Tensor, tau: float | Tensor, descending
     backend = _resolve_backend(backend, scores)
     _check_flag("banded", banded)
     batch_scores = _as_batch(scores)
-    if apply_directly(batch_scores, values, tau, backend, flat_mask):
-        return LeanApply.apply(batch_scores, values, tau, descending, hard, transpose, name).reshape(x.shape)
+    if apply_directly(batch_scores, values, tau, backend):
+        return LeanApply.apply(batch_scores, values, tau, flat_mask, descending, hard, transpose, name).reshape(
+            x.shape)
     out = APPLY_FUNCTIONS[name].apply(batch_scores, values, tau, flat_mask, descending, hard, banded, transpose,
                                       backend)[0]
     return out.reshape(x.shape)

@@ -31,9 +31,9 @@ from ._backends import (
     signed_sum_gradient,
 )
 from ._columns import TENSOR_FIELDS, SortedTerms, index_positions, positions
+from ._one_shot import LeanTerms, lean_apply, lean_apply_backward
 from ._one_shot import _constants as lean_constants
 from ._one_shot import gather as gather_sorted
-from ._one_shot import lean_apply, lean_apply_backward
 from ._validation import tau_checked, validation_enabled
 
 TERM_FIELDS = TENSOR_FIELDS
@@ -267,32 +267,35 @@ def register_batch_vmap(op, name: str, batched: tuple[int, ...], tau_index: int)
     torch.library.register_vmap(op, rule)
 
 
-# ------------------------------------------------------------------------- small unpadded problems (lean path)
-def lean_forward(scores: Tensor, x: Tensor, tau: Tensor, descending: bool, hard: bool, transpose: bool
-                 ) -> tuple[Tensor, ...]:
-    """``_one_shot.lean_apply`` with the data checks (one synchronisation): a non-finite score, value or tau makes
-    the result non-finite (every weight of its list, or of every list, is NaN), so one sum of the result replaces
-    the inputs' own checks; only then do those run, to name the culprit. ``hard``: the exact permutation's
-    values instead (the rest stays for the relaxed backward)."""
+# ----------------------------------------------------------------------------------- small problems (lean path)
+def lean_forward(scores: Tensor, x: Tensor, tau: Tensor, mask: Tensor | None, descending: bool, hard: bool,
+                 transpose: bool) -> tuple:
+    """``_one_shot.lean_apply`` with the data checks (one synchronisation): a non-finite real score or value, or a
+    bad tau, makes the result non-finite (every weight of its list, or of every list, is NaN), so one sum of the
+    result replaces the inputs' own checks; only then do those run, to name the culprit. ``hard``: the exact
+    permutation's values instead (the rest stays for the relaxed backward)."""
     validate = validation_enabled()
-    result = lean_apply(scores, x, tau, descending, transpose, poison=not validate)
+    result = lean_apply(scores, x, tau, descending, transpose, not validate, mask)
     if validate:
         total = result[1].sum()
         if not tau_checked(tau):
             total = total.add_(tau.reciprocal().log_())  # log(1 / tau): finite iff tau is valid
         if bool(total.sub_(total)):  # NaN unless finite
+            value_mask = rank_mask(mask) if transpose and mask is not None else mask
+            if mask is not None:  # padding may hold anything
+                scores, x = scores.masked_fill(~mask, 0), x.masked_fill(~value_mask[..., None], 0)
             raise_non_finite(scores, x, tau)
     if hard:
-        result = (_hard_apply(scores, x, descending, None, transpose), *result[1:])
+        result = (_hard_apply(scores, x, descending, mask, transpose), *result[1:])
     return result
 
 
-def apply_directly(scores: Tensor, x: Tensor, tau: Tensor, backend: str, mask: Tensor | None) -> bool:
+def apply_directly(scores: Tensor, x: Tensor, tau: Tensor, backend: str) -> bool:
     """Whether an eager call of the apply op on these canonical inputs may take ``LeanApply`` (the lean path's
     forward and backward without the op's layers: ~100 us of Python per forward + backward, as much as the work
-    of a short list): the PyTorch path on a small unpadded problem, called directly (``direct_call_allowed``) and
-    outside autocast and tracing. Everything else runs the op, which takes the same lean path inside."""
-    return (backend == "torch" and mask is None and not torch.compiler.is_compiling()
+    of a short list): the PyTorch path on a small problem, called directly (``direct_call_allowed``) and outside
+    autocast and tracing. Everything else runs the op, which takes the same lean path inside."""
+    return (backend == "torch" and not torch.compiler.is_compiling()
             and BACKENDS["torch"].lean(*scores.shape, scores.device) and direct_call_allowed((scores, x, tau))
             and not (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")))
 
@@ -302,9 +305,9 @@ class LeanApply(torch.autograd.Function):
     implementation and backward, with the same errors for double backward and forward mode."""
 
     @staticmethod
-    def forward(ctx, scores, x, tau, descending, hard, transpose, name):
-        out, _, _, probs, u, order, b, scaled, saved = lean_forward(scores, x, tau, descending, hard, transpose)
-        ctx.save_for_backward(probs, u, order, b, scaled, saved, tau)
+    def forward(ctx, scores, x, tau, mask, descending, hard, transpose, name):
+        out, _, _, probs, terms, saved = lean_forward(scores, x, tau, mask, descending, hard, transpose)
+        ctx.save_for_backward(probs, saved, tau, *terms)
         ctx.descending, ctx.transpose, ctx.name = descending, transpose, name
         return out
 
@@ -315,11 +318,11 @@ class LeanApply(torch.autograd.Function):
             d_scores, d_x, tau_terms = LeanBackward.apply(grad, ctx.descending, ctx.transpose, need_tau, ctx.name,
                                                           *ctx.saved_tensors)
         else:
-            probs, u, order, b, scaled, saved, tau = ctx.saved_tensors
-            d_scores, d_x, tau_terms = lean_apply_backward(probs, u, order, b, scaled, saved, grad, tau,
+            probs, saved, tau, *terms = ctx.saved_tensors
+            d_scores, d_x, tau_terms = lean_apply_backward(probs, LeanTerms(*terms), saved, grad, tau,
                                                            ctx.descending, ctx.transpose, need_x, need_tau)
-        tau = ctx.saved_tensors[-1]
-        return d_scores, d_x, tau_gradient(tau, tau_terms) if need_tau else None, None, None, None, None
+        tau = ctx.saved_tensors[2]
+        return d_scores, d_x, tau_gradient(tau, tau_terms) if need_tau else None, None, None, None, None, None
 
     @staticmethod
     def jvp(ctx, *tangents):
@@ -331,11 +334,11 @@ class LeanBackward(torch.autograd.Function):
     ``double_backward_error`` (reverse) and ``forward_mode_error`` (forward over reverse)."""
 
     @staticmethod
-    def forward(ctx, grad, descending, transpose, need_tau, name, probs, u, order, b, scaled, saved, tau):
+    def forward(ctx, grad, descending, transpose, need_tau, name, probs, saved, tau, *terms):
         ctx.name = name
-        d_scores, d_x, tau_terms = lean_apply_backward(probs, u, order, b, scaled, saved, grad, tau, descending,
+        d_scores, d_x, tau_terms = lean_apply_backward(probs, LeanTerms(*terms), saved, grad, tau, descending,
                                                        transpose, True, need_tau)
-        return d_scores, d_x, u.new_empty(0) if tau_terms is None else tau_terms
+        return d_scores, d_x, saved.new_empty(0) if tau_terms is None else tau_terms
 
     @staticmethod
     def backward(ctx, *grads):
@@ -357,10 +360,12 @@ def sort_apply(scores: Tensor, x: Tensor, tau: Tensor, mask: Tensor | None, desc
     (float64); weights = the PyTorch path's one-shot exp(-D / tau) (B, n, n) or an empty tensor; the terms
     (``TERM_FIELDS``) for the backward. ``mask`` (B, n) bool: padded lists (True for a real item)."""
     impl = BACKENDS[backend]
-    if backend == "torch" and mask is None and impl.lean(*scores.shape, scores.device):
-        out, _, norm, probs, u, order, b, _, _ = lean_forward(scores, x, tau, descending, hard, transpose)
-        empty, length = order.new_empty((order.shape[0], 0)), torch.full_like(order[:, 0], order.shape[1])
-        return (out, norm, probs, order, u, b, u.new_empty(empty.shape), empty, empty.clone(), empty.clone(),
+    if backend == "torch" and impl.lean(*scores.shape, scores.device):
+        out, _, norm, probs, terms, _ = lean_forward(scores, x, tau, mask, descending, hard, transpose)
+        order, u = terms.order, terms.u
+        empty = order.new_empty((order.shape[0], 0))
+        length = torch.full_like(order[:, 0], order.shape[1]) if terms.length is None else terms.length
+        return (out, norm, probs, order, u, terms.b, u.new_empty(empty.shape), empty, empty.clone(), empty.clone(),
                 empty.clone(), length)
     value_mask = rank_mask(mask) if transpose and mask is not None else mask
     validate_data(scores, x, tau, mask, value_mask)
@@ -407,20 +412,22 @@ def sort_apply_backward(x: Tensor, grad: Tensor, norm: Tensor, weights: Tensor, 
     with v, so d_v = P_hat @ w and d_scores is the plain backward with x = w and output gradient v. ``weights``: the
     forward's one-shot weights (or an empty tensor: recomputed tile by tile)."""
     impl = BACKENDS[backend]
-    if backend == "torch" and not masked and impl.lean(*norm.shape, norm.device):  # t = u, w = b (lean_apply)
+    if backend == "torch" and impl.lean(*norm.shape, norm.device):  # t = u, w = b: lean_apply's terms
+        n = t.shape[-1]
+        valid = index_positions(n, t.device)[None, :] < length[:, None] if masked else None
+        terms = LeanTerms(t, order, w, lean_constants(n, t.device, descending)[0] / tau, length if masked else None,
+                          valid)
         saved = x.to(torch.float64) if transpose else gather_sorted(x, order)
-        scaled = lean_constants(t.shape[-1], t.device, descending)[0] / tau
-        d_scores, d_x, tau_terms = lean_apply_backward(weights, t, order, w, scaled, saved, grad, tau, descending,
-                                                       transpose, True, need_tau)
+        saved = saved if valid is None else torch.where(valid[..., None], saved, 0.0)
+        d_scores, d_x, tau_terms = lean_apply_backward(weights, terms, saved, grad, tau, descending, transpose, True,
+                                                       need_tau)
         return d_scores, d_x, norm.new_empty((norm.shape[0], 0)) if tau_terms is None else tau_terms
     terms = SortedTerms(order, t, w, count, less, not_greater, lower, upper, length, masked)
     if transpose:
-        d_x = impl.apply_forward(terms, grad, tau, descending, banded, weights)[0]
-        d_scores, _, tau_terms = impl.apply_backward(terms, grad, x, norm, tau, descending, banded, need_tau,
-                                                     weights)
+        d_x = impl.apply_forward(terms, grad, tau, descending, banded)[0]
+        d_scores, _, tau_terms = impl.apply_backward(terms, grad, x, norm, tau, descending, banded, need_tau)
     else:
-        d_scores, d_x, tau_terms = impl.apply_backward(terms, x, grad, norm, tau, descending, banded, need_tau,
-                                                       weights)
+        d_scores, d_x, tau_terms = impl.apply_backward(terms, x, grad, norm, tau, descending, banded, need_tau)
     if tau_terms is None:
         tau_terms = norm.new_empty((norm.shape[0], 0))
     return d_scores, d_x, tau_terms
