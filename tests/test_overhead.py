@@ -17,9 +17,9 @@ from triton_sort.kernels.configs import SHORT_MAX_N
 TRITON_DEVICE_OPS = 12
 TORCH_SMALL_DEVICE_OPS = 60
 # ... and what the lean path (``_one_shot``: unpadded one-shot problems) takes, validation on or off (41 and 42 as
-# measured: the dense formula takes 26 with its autograd).
-TORCH_LEAN_DEVICE_OPS = 42
-TORCH_LEAN_PADDED_DEVICE_OPS = 62
+# measured, 42-43 from 2^14 entries, where the logits are clamped: the dense formula takes 26 with its autograd).
+TORCH_LEAN_DEVICE_OPS = 43
+TORCH_LEAN_PADDED_DEVICE_OPS = 64
 
 
 def _counted_step(scores, x, backend, tau=1.0, validate=False, **options):

@@ -98,15 +98,26 @@ def lean_logits(terms: LeanTerms, descending: bool) -> Tensor:
     return (b.unsqueeze(1) - b.unsqueeze(2)).addcmul_(_pairwise(u, descending), terms.scaled[0].unsqueeze(1))
 
 
+# Above this many entries the logits are clamped at the smallest normal exponent before exp: a denormal result sends
+# the CPU's vectorised exp down a slow path (also exp(-inf): the padded lists' masked logits took 10x the unmasked
+# exp at (64, 100)); below it the clamp would be one more operation for nothing measurable.
+CLAMP_ELEMENTS = 1 << 14
+EXP_FLOOR = -708.0
+
+
 def lean_weights(terms: LeanTerms, descending: bool) -> tuple[Tensor, Tensor]:
-    """(P_hat in sorted columns (B, n, n) float64, real rows summing to 1, padded rows and columns 0; the row sums
-    (B, n) float64, >= 1 (padded rows: 1))."""
+    """(P_hat in sorted columns (B, n, n) float64, real rows summing to 1, padded columns exactly 0, padded rows
+    finite garbage (every product zeroes them: the output's padded rows and the gradient's); the row sums (B, n)
+    float64, >= 1). The logits are clamped to [EXP_FLOOR, 0] for padded lists (their padded rows' logits have no
+    bound) and large problems (denormals); real rows' logits are <= 0 anyway (drops are >= 0)."""
     logits = lean_logits(terms, descending)
-    if terms.valid is not None:
-        logits = torch.where(terms.valid.unsqueeze(2) & terms.valid.unsqueeze(1), logits, float("-inf"))
+    if terms.valid is not None or logits.numel() > CLAMP_ELEMENTS:
+        logits.clamp_(min=EXP_FLOOR, max=0.0)
     weights = logits.exp_()
-    norm = weights.sum(-1)
     if terms.valid is not None:
+        weights.mul_(terms.valid.to(torch.float64).unsqueeze(1))
+    norm = weights.sum(-1)
+    if terms.valid is not None:  # a list without real items has no weight at all
         norm.clamp_(min=1.0)
     return weights.div_(norm[..., None]), norm
 
@@ -177,7 +188,7 @@ def lean_apply(scores: Tensor, x: Tensor, tau: Tensor, descending: bool, transpo
         product = torch.bmm(probs.transpose(1, 2), saved)
         out = scatter(product, terms.order, x.dtype)
     else:
-        product = torch.bmm(probs, saved)
+        product = _real(torch.bmm(probs, saved), terms.valid)
         out = product.to(x.dtype)
     return out, product, norm, probs, terms, saved
 
@@ -191,7 +202,7 @@ def lean_apply_backward(probs: Tensor, terms: LeanTerms, saved: Tensor, grad: Te
     dtype = grad.dtype
     if transpose:  # w . P^T v = v . P w: d_v = P @ w, and the scores term of P @ w with output gradient v
         rows, cols = saved, _real(gather(grad, terms.order), terms.valid)
-        d_x = torch.bmm(probs, cols).to(dtype) if need_x else None
+        d_x = _real(torch.bmm(probs, cols), terms.valid).to(dtype) if need_x else None
     else:
         rows, cols = _real(grad.to(torch.float64), terms.valid), saved
         d_x = scatter(torch.bmm(probs.transpose(1, 2), rows), terms.order, dtype) if need_x else None
