@@ -15,8 +15,9 @@ sections 1 and 4) in about 20 operations per pass, by working in the output's ow
   differences of sorted scores and of prefix sums of gaps, so a row's own column is exactly 0 (weight 1) and
   nothing of the size of the scores is formed. Ties need nothing: tied columns have equal logits in every row.
 
-Padded lists (``mask``): padding sorts last and is then set to 0 (finite: it is never a real item), padded rows
-and columns weigh exactly 0 and padded values and gradients are zeroed before any product (they may hold NaN).
+Padded lists (``mask``): padding sorts last and is then set to 0 (finite: it is never a real item), padded columns
+weigh exactly 0, padded rows are zeroed in every product, and padded values and gradients are zeroed before any
+product (they may hold NaN).
 
 Outputs are float64 until the last cast; inputs are plain ``(B, n)`` scores and ``(B, n, d)`` values.
 """
@@ -37,9 +38,8 @@ def _constants(n: int, device: torch.device, descending: bool) -> tuple[Tensor, 
     """Per (n, device, direction), cached (a fresh arange is one more launch per call), never written to:
     ``factors`` (4, n) float64, the rows [-(2p - 1); -2 sigma (p - 1); sigma (2p + 1 - n); sigma] that over tau
     give (``lean_terms``'s ``scaled``) the slopes ``k``, the gap weights of ``b`` (entry 0, 0, takes the wrap-around
-    difference of a roll) and
-    the rows whose product with dz gives the column sums ``sigma sum_p c_p dz_pm / tau`` and ``sigma r_m / tau``;
-    ``ones`` (n,)."""
+    difference of a roll) and the rows whose product with dz gives the column sums ``sigma sum_p c_p dz_pm / tau``
+    and ``sigma r_m / tau``; ``ones`` (n,)."""
     key = (n, str(device), descending)
     cached = _CONSTANTS.get(key)
     if cached is None:
