@@ -3,7 +3,8 @@
 Batches of short lists are the common workload, and there a call's cost is its number of small tensor operations,
 not the O(B n^2) work. This evaluation does what the one-shot path does (NeuralSort in sorted coordinates, float64
 drops from prefix sums of gaps, weights saved for the backward, the scores gradient from the dense signs; MATH.md
-sections 1 and 4) in about 20 operations per pass, by working in the output's own order:
+sections 1 and 4) in about 20 operations per pass, by working in the output's own order for rows and in the
+input's for columns (items), so that no value, output or gradient is permuted:
 
 - Sorting ``s`` in the output's direction (descending: largest first) gives ``u``, and ``t = sigma u`` with
   ``sigma = -1`` for descending (+1 ascending) is the ascending sort of ``sigma s``. NeuralSort of ``sigma s`` row
@@ -13,7 +14,9 @@ sections 1 and 4) in about 20 operations per pass, by working in the output's ow
 - Logits ``-D_p(m) / tau = k_p (t_p - t_m) + (b_m - b_p)`` with ``k_p = -(2p - 1) / tau`` and
   ``b_m = -2 W_m / tau``, ``W_m = sum_{q<m} q (t_{q+1} - t_q)`` (the gaps of t are sigma times those of u):
   differences of sorted scores and of prefix sums of gaps, so a row's own column is exactly 0 (weight 1) and
-  nothing of the size of the scores is formed. Ties need nothing: tied columns have equal logits in every row.
+  nothing of the size of the scores is formed. Column m is item ``j = order[m]``: its score and ``b_m`` are
+  scattered to the items once (``b_items``), and ``t_m`` is the item's own score. Ties need nothing: tied columns
+  have equal logits in every row.
 
 Padded lists (``mask``): padding sorts last and is then set to 0 (finite: it is never a real item), padded columns
 weigh exactly 0, padded rows are zeroed in every product, and padded values and gradients are zeroed before any
@@ -53,49 +56,72 @@ def _constants(n: int, device: torch.device, descending: bool) -> tuple[Tensor, 
     return cached
 
 
-def _pairwise(u: Tensor, descending: bool) -> Tensor:
-    """``t_p - t_m`` (B, n, n) float64 from u (B, n): the operands' order carries sigma."""
-    return u.unsqueeze(1) - u.unsqueeze(2) if descending else u.unsqueeze(2) - u.unsqueeze(1)
+def _differences(rows: Tensor, cols: Tensor, descending: bool) -> Tensor:
+    """``t_p - t_j`` (B, n, n) float64 for rows (B, n) and cols (B, n) in u's units (scores, sigma in the operands'
+    order): rows by sorted position p, columns by item j (or both by item)."""
+    return cols.unsqueeze(1) - rows.unsqueeze(2) if descending else rows.unsqueeze(2) - cols.unsqueeze(1)
 
 
 class LeanTerms(NamedTuple):
     """What a lean forward computes per batch of lists and its backward reuses, all (B, n) but ``scaled``.
 
-    ``u``: float64 scores sorted in the output's direction (padding last, then set to 0: finite, and never used as a
-    real item); ``order``: int64, ``u = scores[order]`` on real positions; ``b``: float64 as above; ``scaled``:
-    (4, n) float64, the constant ``factors`` over tau; ``length``: int64 (B,) real items per list and ``valid``
-    bool (B, n) (sorted position p < length), or None for unpadded lists."""
+    Rows are output rows = sorted positions p; columns are items j in input order (so values, outputs by item and
+    gradients need no permutation). ``u``: float64 scores sorted in the output's direction (padding last, then set
+    to 0: finite, and never a real item); ``order``: int64, ``u = scores[order]`` on real positions; ``b``: float64
+    as above, by sorted position; ``scaled``: (4, n) float64, the constant ``factors`` over tau; ``scores``: float64
+    by item (padding 0) and ``b_items``: ``b`` at each item's sorted position; ``length``: int64 (B,) real items per
+    list, ``valid`` bool (B, n) (sorted position p < length) and ``mask`` bool (B, n) by item, or None unpadded."""
 
     u: Tensor
     order: Tensor
     b: Tensor
     scaled: Tensor
+    scores: Tensor
+    b_items: Tensor
     length: Tensor | None
     valid: Tensor | None
+    mask: Tensor | None
 
 
-def lean_terms(scores: Tensor, tau: Tensor, descending: bool, mask: Tensor | None = None) -> LeanTerms:
-    """Sort, prefix sums of gaps, the constants over tau. ``mask`` (B, n) bool, True for a real item: padded lists
-    (padding sorts last and may hold anything: it is never read)."""
-    n = scores.shape[-1]
-    key = scores.detach().to(torch.float64)
-    if mask is not None:
-        key = torch.where(mask, key, float("-inf") if descending else float("inf"))
-    u, order = torch.sort(key, dim=-1, descending=descending, stable=True)
-    length = valid = None
-    if mask is not None:
-        length = mask.sum(-1)
+def lean_terms(u: Tensor, order: Tensor, tau: Tensor, descending: bool, length: Tensor | None = None,
+               mask: Tensor | None = None, scores: Tensor | None = None) -> LeanTerms:
+    """The terms from the sorted scores ``u`` (padded positions already 0), ``order`` and, for padded lists, the
+    lengths and the mask by item: prefix sums of gaps, the constants over tau, the items' scores and ``b``.
+    ``scores``: the float64 scores by item where at hand (unpadded: the very values u was sorted from), else
+    scattered back from u."""
+    n = u.shape[-1]
+    valid = None
+    if length is not None:
         valid = index_positions(n, u.device)[None, :] < length[:, None]
-        u = torch.where(valid, u, 0.0)
     scaled = _constants(n, u.device, descending)[0] / tau.detach()
     b = torch.cumsum(torch.sub(u, u.roll(1, 1)).mul_(scaled[1]), dim=-1)
-    return LeanTerms(u, order, b, scaled, length, valid)
+    scores = from_sorted(u, order) if scores is None else scores
+    return LeanTerms(u, order, b, scaled, scores, from_sorted(b, order), length, valid, mask)
+
+
+def sort_scores(scores: Tensor, tau: Tensor, descending: bool, mask: Tensor | None = None) -> LeanTerms:
+    """Sort and ``lean_terms``. ``mask`` (B, n) bool, True for a real item: padded lists (padding sorts last and may
+    hold anything: it is never read)."""
+    key = scores.detach().to(torch.float64)
+    if mask is None:
+        u, order = torch.sort(key, dim=-1, descending=descending, stable=True)
+        return lean_terms(u, order, tau, descending, scores=key)
+    key = torch.where(mask, key, float("-inf") if descending else float("inf"))
+    u, order = torch.sort(key, dim=-1, descending=descending, stable=True)
+    length = mask.sum(-1)
+    u = torch.where(index_positions(u.shape[-1], u.device)[None, :] < length[:, None], u, 0.0)
+    return lean_terms(u, order, tau, descending, length, mask)
+
+
+def from_sorted(values: Tensor, order: Tensor) -> Tensor:
+    """(B, n) by sorted position -> by item."""
+    return torch.empty_like(values).scatter_(1, order, values)
 
 
 def lean_logits(terms: LeanTerms, descending: bool) -> Tensor:
-    """-D_p(m) / tau (B, n, n) float64 by output row p and sorted column m (finite on padded rows and columns)."""
-    u, b = terms.u, terms.b
-    return (b.unsqueeze(1) - b.unsqueeze(2)).addcmul_(_pairwise(u, descending), terms.scaled[0].unsqueeze(1))
+    """-D_p(m) / tau (B, n, n) float64 by output row p and item (finite on padded rows and columns)."""
+    b_rows_cols = terms.b_items.unsqueeze(1) - terms.b.unsqueeze(2)
+    return b_rows_cols.addcmul_(_differences(terms.u, terms.scores, descending), terms.scaled[0].unsqueeze(1))
 
 
 # Above this many entries the logits are clamped at the smallest normal exponent before exp: a denormal result sends
@@ -105,107 +131,90 @@ CLAMP_ELEMENTS = 1 << 14
 EXP_FLOOR = -708.0
 
 
-def lean_weights(terms: LeanTerms, descending: bool) -> tuple[Tensor, Tensor]:
-    """(P_hat in sorted columns (B, n, n) float64, real rows summing to 1, padded columns exactly 0, padded rows
-    finite garbage (every product zeroes them: the output's padded rows and the gradient's); the row sums (B, n)
-    float64, >= 1). The logits are clamped to [EXP_FLOOR, 0] for padded lists (their padded rows' logits have no
-    bound) and large problems (denormals); real rows' logits are <= 0 anyway (drops are >= 0)."""
+def lean_weights(terms: LeanTerms, descending: bool) -> Tensor:
+    """P_hat by output row and item (B, n, n) float64: real rows sum to 1, padded columns are exactly 0, padded rows
+    finite garbage (every product zeroes them: the output's padded rows and the gradient's). Unpadded, a softmax
+    (one operation; the row maximum is the diagonal's 0, so it is exp over the row sum). The logits are clamped to
+    [EXP_FLOOR, 0] for padded lists (their padded rows' logits have no bound) and large problems (denormals); real
+    rows' logits are <= 0 anyway (drops are >= 0)."""
     logits = lean_logits(terms, descending)
     if terms.valid is not None or logits.numel() > CLAMP_ELEMENTS:
         logits.clamp_(min=EXP_FLOOR, max=0.0)
-    weights = logits.exp_()
-    if terms.valid is not None:
-        weights.mul_(terms.valid.to(torch.float64).unsqueeze(1))
-    norm = weights.sum(-1)
-    if terms.valid is not None:  # a list without real items has no weight at all
-        norm.clamp_(min=1.0)
-    return weights.div_(norm[..., None]), norm
+    if terms.valid is None:
+        return torch.softmax(logits, dim=-1)
+    weights = logits.exp_().mul_(terms.mask.to(torch.float64).unsqueeze(1))
+    return weights.div_(weights.sum(-1, keepdim=True).clamp_(min=1.0))  # a list without real items has no weight
 
 
 def _real(values: Tensor, valid: Tensor | None) -> Tensor:
-    """(B, n, d) by sorted position or output row with padded positions set to 0 (they may hold NaN)."""
+    """(B, n, d) with the entries where ``valid`` (B, n) is False set to 0 (padding may hold NaN)."""
     return values if valid is None else torch.where(valid.unsqueeze(2), values, 0.0)
 
 
 def lean_backward(probs: Tensor, terms: LeanTerms, rows: Tensor, cols: Tensor, descending: bool,
                   dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """The scores gradient of ``a . (P b)`` summed over rows: (d_scores (B, n) in input order and ``dtype``, 0 on
-    padded items; dz (B, n, n) float64, the logits' gradient, for the tau term). ``rows`` (B, n, d) float64 by
-    output row p and ``cols`` (B, n, d) float64 by sorted position m, both 0 where padded: the output gradient
-    and the sorted values for ``P @ x``, the values and the sorted output gradient for ``P^T @ v``.
+    """The scores gradient of ``a . (P b)`` summed over rows: (d_scores (B, n) by item in ``dtype``, 0 on padded
+    items; dz (B, n, n) float64, the logits' gradient, for the tau term). ``rows`` (B, n, d) float64 by output row
+    p and ``cols`` (B, n, d) float64 by item, both 0 where padded: the output gradient and the values for
+    ``P @ x``, the values and the output gradient for ``P^T @ v``.
 
-    dz_pm = P_pm (a_p . b_m - Delta_p) with Delta_p from the very products dz uses; then, for ``sigma s``, the
-    gradient (sum_p c_p dz_pm - cnt_m r_m - sum_k sign(t_m - t_k) r_k) / tau (MATH.md, section 4), the tie terms
-    from the dense signs S_km = sign(t_k - t_m) (``sum_k S_km = -cnt_m`` over real k, S antisymmetric), times sigma
-    for ``s``: folded into the constant rows and the signs' operand order (see ``_constants``). A list of m real
-    items has ``c_p = 2p + 1 - m``: the constant rows' ``2p + 1 - n`` plus ``n - m``."""
+    dz_pj = P_pj (a_p . b_j - Delta_p) with Delta_p from the very products dz uses; then, for ``sigma s``, the
+    gradient (sum_p c_p dz_pj - cnt_j r_j - sum_k sign(t_j - t_k) r_k) / tau (MATH.md, section 4), the tie terms
+    from the dense signs S_kj = sign(t_k - t_j) over items (``sum_k S_kj = -cnt_j`` over real k, S antisymmetric),
+    times sigma for ``s``: folded into the constant rows and the signs' operand order (see ``_constants``). A list
+    of m real items has ``c_p = 2p + 1 - m``: the constant rows' ``2p + 1 - n`` plus ``n - m``."""
     batch, n = terms.u.shape
     dz = torch.bmm(rows, cols.transpose(1, 2)).mul_(probs)
     dz.addcmul_(probs, dz.sum(-1, keepdim=True), value=-1)
-    column_sums = torch.bmm(terms.scaled[2:].expand(batch, 2, n), dz)  # sigma / tau [sum_p c_p dz_pm, r_m]
+    column_sums = torch.bmm(terms.scaled[2:].expand(batch, 2, n), dz)  # sigma / tau [sum_p c_p dz_pj, r_j]
     c_dz, r = column_sums[:, 0], column_sums[:, 1]
     if terms.length is None:
         real = _constants(n, terms.u.device, descending)[1].expand(batch, n)
     else:
         c_dz.addcmul_(r, torch.sub(n, terms.length).unsqueeze(1))
-        real = terms.valid.to(torch.float64)
-    signs = _pairwise(terms.u, descending).sign_()  # S_km = sign(t_k - t_m)
-    # [sigma / tau sum_k r_k S_km, sum_k S_km = -cnt_m]: the gradient of sigma s, times sigma: that of s
+        real = terms.mask.to(torch.float64)
+    signs = _differences(terms.scores, terms.scores, descending).sign_()  # S_kj = sign(t_k - t_j)
+    # [sigma / tau sum_k r_k S_kj, sum_k S_kj = -cnt_j]: the gradient of sigma s, times sigma: that of s
     tie_sums = torch.bmm(torch.stack([r, real], 1), signs)
-    gradient = tie_sums[:, 0].addcmul_(tie_sums[:, 1], r).add_(c_dz)
-    if terms.valid is not None:  # padded items: exactly 0 (their signs are arbitrary)
-        gradient = torch.where(terms.valid, gradient, 0.0)
-    return scatter(gradient, terms.order, dtype), dz
-
-
-def scatter(values: Tensor, order: Tensor, dtype: torch.dtype) -> Tensor:
-    """(B, n, ...) by sorted position -> input order, cast to ``dtype``."""
-    values = values.to(dtype)
-    index = order.reshape(*order.shape, *([1] * (values.dim() - 2))).expand_as(values)
-    return torch.empty_like(values).scatter_(1, index, values)
-
-
-def gather(values: Tensor, order: Tensor) -> Tensor:
-    """(B, n, d) in input order -> sorted positions, float64."""
-    return torch.gather(values.detach(), 1, order[..., None].expand_as(values)).to(torch.float64)
+    gradient = torch.addcmul(c_dz, tie_sums[:, 1], r).add_(tie_sums[:, 0])  # a fresh, contiguous tensor
+    if terms.mask is not None:  # padded items: exactly 0 (their signs are arbitrary)
+        gradient = torch.where(terms.mask, gradient, 0.0)
+    return gradient.to(dtype), dz
 
 
 def lean_apply(scores: Tensor, x: Tensor, tau: Tensor, descending: bool, transpose: bool, poison: bool,
-               mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, LeanTerms, Tensor]:
+               mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, LeanTerms, Tensor]:
     """``P_hat @ x`` (x by item, result by output row) or ``P_hat^T @ x`` (``transpose``: x by output row, result
-    by item), in x's dtype; also the same in float64 before its cast (and, transposed, in sorted order), and what
-    the backward needs: (out, product, row sums (B, n), P_hat in sorted columns (B, n, n), terms, saved), ``saved``
-    (B, n, d) float64 the sorted values (or, transposed, x itself), 0 where padded. ``mask``: padded lists (a list
-    of m real items gives the call on those items alone in rows 0..m-1; padded rows and items are 0).
-    ``poison``: a list with a non-finite real score or value becomes NaN throughout (validation off, as on every
-    path: ``_backends.poison_lists``)."""
-    terms = lean_terms(scores, tau, descending, mask)
-    saved = _real(x.detach().to(torch.float64) if transpose else gather(x, terms.order), terms.valid)
+    by item), in x's dtype; also the same in float64 before its cast, and what the backward needs: (out, product,
+    P_hat by output row and item (B, n, n), terms, saved), ``saved`` (B, n, d) x in float64, 0 where padded.
+    ``mask``: padded lists (a list of m real items gives the call on those items alone in rows 0..m-1; padded rows
+    and items are 0). ``poison``: a list with a non-finite real score or value becomes NaN throughout (validation
+    off, as on every path: ``_backends.poison_lists``)."""
+    terms = sort_scores(scores, tau, descending, mask)
+    saved = _real(x.detach().to(torch.float64), terms.valid if transpose else terms.mask)
     if poison:  # a non-finite score already makes all of b NaN (the roll's wrap-around gap, times 0)
         terms.u.add_(saved.sum((1, 2)).mul_(0.0)[:, None])
-    probs, norm = lean_weights(terms, descending)
+    probs = lean_weights(terms, descending)
     if transpose:
         product = torch.bmm(probs.transpose(1, 2), saved)
-        out = scatter(product, terms.order, x.dtype)
     else:
         product = _real(torch.bmm(probs, saved), terms.valid)
-        out = product.to(x.dtype)
-    return out, product, norm, probs, terms, saved
+    return product.to(x.dtype), product, probs, terms, saved
 
 
 def lean_apply_backward(probs: Tensor, terms: LeanTerms, saved: Tensor, grad: Tensor, tau: Tensor, descending: bool,
                         transpose: bool, need_x: bool, need_tau: bool
                         ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Gradients of ``lean_apply``'s output: (d_scores (B, n), d_x (B, n, d) or None unless ``need_x``, the tau
-    terms ``sum_pm dz_pm D_p(m)`` (B,) float64 or None unless ``need_tau``; dL/dtau is their sum over tau^2).
+    terms ``sum_pj dz_pj D_p(j)`` (B,) float64 or None unless ``need_tau``; dL/dtau is their sum over tau^2).
     ``saved``: ``lean_apply``'s; grad (B, n, d) like the output (padded entries ignored)."""
     dtype = grad.dtype
     if transpose:  # w . P^T v = v . P w: d_v = P @ w, and the scores term of P @ w with output gradient v
-        rows, cols = saved, _real(gather(grad, terms.order), terms.valid)
+        rows, cols = saved, _real(grad.to(torch.float64), terms.mask)
         d_x = _real(torch.bmm(probs, cols), terms.valid).to(dtype) if need_x else None
     else:
         rows, cols = _real(grad.to(torch.float64), terms.valid), saved
-        d_x = scatter(torch.bmm(probs.transpose(1, 2), rows), terms.order, dtype) if need_x else None
+        d_x = torch.bmm(probs.transpose(1, 2), rows).to(dtype) if need_x else None
     d_scores, dz = lean_backward(probs, terms, rows, cols, descending, dtype)
     tau_terms = None
     if need_tau:  # D = -tau * logits

@@ -33,7 +33,8 @@ from ._backends import (
 from ._columns import TENSOR_FIELDS, SortedTerms, index_positions, positions
 from ._one_shot import LeanTerms, lean_apply, lean_apply_backward
 from ._one_shot import _constants as lean_constants
-from ._one_shot import gather as gather_sorted
+from ._one_shot import _real as lean_real
+from ._one_shot import from_sorted as lean_from_sorted
 from ._validation import tau_checked, validation_enabled
 
 TERM_FIELDS = TENSOR_FIELDS
@@ -306,7 +307,7 @@ class LeanApply(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores, x, tau, mask, descending, hard, transpose, name):
-        out, _, _, probs, terms, saved = lean_forward(scores, x, tau, mask, descending, hard, transpose)
+        out, _, probs, terms, saved = lean_forward(scores, x, tau, mask, descending, hard, transpose)
         ctx.save_for_backward(probs, saved, tau, *terms)
         ctx.descending, ctx.transpose, ctx.name = descending, transpose, name
         return out
@@ -361,8 +362,9 @@ def sort_apply(scores: Tensor, x: Tensor, tau: Tensor, mask: Tensor | None, desc
     (``TERM_FIELDS``) for the backward. ``mask`` (B, n) bool: padded lists (True for a real item)."""
     impl = BACKENDS[backend]
     if backend == "torch" and impl.lean(*scores.shape, scores.device):
-        out, _, norm, probs, terms, _ = lean_forward(scores, x, tau, mask, descending, hard, transpose)
+        out, _, probs, terms, _ = lean_forward(scores, x, tau, mask, descending, hard, transpose)
         order, u = terms.order, terms.u
+        norm = torch.ones_like(u)  # the saved weights are normalised
         empty = order.new_empty((order.shape[0], 0))
         length = torch.full_like(order[:, 0], order.shape[1]) if terms.length is None else terms.length
         return (out, norm, probs, order, u, terms.b, u.new_empty(empty.shape), empty, empty.clone(), empty.clone(),
@@ -415,10 +417,10 @@ def sort_apply_backward(x: Tensor, grad: Tensor, norm: Tensor, weights: Tensor, 
     if backend == "torch" and impl.lean(*norm.shape, norm.device):  # t = u, w = b: lean_apply's terms
         n = t.shape[-1]
         valid = index_positions(n, t.device)[None, :] < length[:, None] if masked else None
-        terms = LeanTerms(t, order, w, lean_constants(n, t.device, descending)[0] / tau, length if masked else None,
-                          valid)
-        saved = x.to(torch.float64) if transpose else gather_sorted(x, order)
-        saved = saved if valid is None else torch.where(valid[..., None], saved, 0.0)
+        terms = LeanTerms(t, order, w, lean_constants(n, t.device, descending)[0] / tau, lean_from_sorted(t, order),
+                          lean_from_sorted(w, order), length if masked else None, valid,
+                          lean_from_sorted(valid, order) if masked else None)
+        saved = lean_real(x.to(torch.float64), terms.valid if transpose else terms.mask)
         d_scores, d_x, tau_terms = lean_apply_backward(weights, terms, saved, grad, tau, descending, transpose, True,
                                                        need_tau)
         return d_scores, d_x, norm.new_empty((norm.shape[0], 0)) if tau_terms is None else tau_terms
