@@ -133,16 +133,17 @@ EXP_FLOOR = -708.0
 
 def lean_weights(terms: LeanTerms, descending: bool) -> Tensor:
     """P_hat by output row and item (B, n, n) float64: real rows sum to 1, padded columns are exactly 0, padded rows
-    finite garbage (every product zeroes them: the output's padded rows and the gradient's). Unpadded, a softmax
-    (one operation; the row maximum is the diagonal's 0, so it is exp over the row sum). The logits are clamped to
+    finite garbage (every product zeroes them: the output's padded rows and the gradient's): exp over the row sum
+    (the row maximum is the diagonal's 0, so no shift is needed). The logits are clamped to
     [EXP_FLOOR, 0] for padded lists (their padded rows' logits have no bound) and large problems (denormals); real
     rows' logits are <= 0 anyway (drops are >= 0)."""
     logits = lean_logits(terms, descending)
     if terms.valid is not None or logits.numel() > CLAMP_ELEMENTS:
         logits.clamp_(min=EXP_FLOOR, max=0.0)
+    weights = logits.exp_()  # (torch.softmax: 2 operations fewer, but 1.2x-10x slower on CPU from B n > 16 rows)
     if terms.valid is None:
-        return torch.softmax(logits, dim=-1)
-    weights = logits.exp_().mul_(terms.mask.to(torch.float64).unsqueeze(1))
+        return weights.div_(weights.sum(-1, keepdim=True))
+    weights.mul_(terms.mask.to(torch.float64).unsqueeze(1))
     return weights.div_(weights.sum(-1, keepdim=True).clamp_(min=1.0))  # a list without real items has no weight
 
 
