@@ -157,9 +157,9 @@ def poison_lists(t: Tensor, values: Tensor | None, mask: Tensor | None = None) -
 
 
 def _row_sums(weights: Tensor, terms: SortedTerms) -> Tensor:
-    """Row sums (..., rows) of float64 weights; real rows sum to >= 1 (their peak weighs exactly 1), padded rows
-    to 0, kept at 1."""
-    norm = weights.sum(-1)
+    """Row sums (..., rows) of weights, accumulated in float64; real rows sum to >= 1 (their peak weighs exactly
+    1), padded rows to 0, kept at 1."""
+    norm = weights.sum(-1, dtype=torch.float64)
     return norm.clamp_(min=1.0) if terms.masked else norm
 
 
@@ -237,9 +237,8 @@ class TorchBackend:
         return not self.dense(batch, n, device)
 
     def prepare(self, scores: Tensor, tau: Tensor, banded: bool, values: Tensor | None = None,
-                mask: Tensor | None = None, counts: bool = True) -> SortedTerms:
-        terms = sorted_terms(scores, tau, banded, windows=not self.dense(*scores.shape, scores.device),
-                             mask=mask, counts=counts)
+                mask: Tensor | None = None) -> SortedTerms:
+        terms = sorted_terms(scores, tau, banded, windows=not self.dense(*scores.shape, scores.device), mask=mask)
         if not validation_enabled():  # unchecked inputs: the one rule for non-finite values (see poison_lists)
             source = terms.t if mask is None else scores
             terms.t.add_(poison_lists(source, values, mask)[:, None])
@@ -311,7 +310,7 @@ class TorchBackend:
         norm = torch.ones((batch, n), device=v.device, dtype=torch.float64)
         for lists, rows, cols in self._blocks(terms):
             chunk = terms.lists(lists.start, lists.stop)
-            block_weights, _, norm[lists, rows] = _weights_and_row_sums(chunk, tau, rows, cols, work)
+            block_weights, norm[lists, rows] = _weights_and_row_sums(chunk, tau, rows, cols, work)
             scaled = v_rows[lists, rows] / norm[lists, rows, None].to(work)
             out[lists, cols] += torch.bmm(block_weights.transpose(1, 2), scaled)
         return from_sorted(out, terms.order).to(v.dtype), norm, v.new_empty(0, dtype=torch.float64)
@@ -348,13 +347,10 @@ class TorchBackend:
 
 
 def _weights_and_row_sums(terms: SortedTerms, tau: Tensor, rows: slice, cols: slice, work: torch.dtype
-                          ) -> tuple[Tensor, Tensor, Tensor]:
-    """A block's weights in ``work`` (fp32 or float64), the same in float64 (written over the block's float64
-    logits, no fresh allocation; the very tensor when ``work`` is float64) and their float64 row sums (B, rows)."""
-    logits = _block_logits(terms, tau, rows, cols)
-    block_weights = _block_weights(terms, tau, rows, cols, work, logits=logits)
-    weights = logits.copy_(block_weights) if work != torch.float64 else block_weights
-    return block_weights, weights, _row_sums(weights, terms)
+                          ) -> tuple[Tensor, Tensor]:
+    """A block's weights in ``work`` (fp32 or float64) and their row sums (B, rows), accumulated in float64."""
+    block_weights = _block_weights(terms, tau, rows, cols, work)
+    return block_weights, _row_sums(block_weights, terms)
 
 
 def _forward_block(terms: SortedTerms, tau: Tensor, rows: slice, cols: slice, x_cols: Tensor
@@ -363,7 +359,7 @@ def _forward_block(terms: SortedTerms, tau: Tensor, rows: slice, cols: slice, x_
     (B, cols, d) by sorted position, fp32 or float64 (the work dtype). Large temporaries are reused in place: on CPU
     a fresh block-sized allocation costs about as much as a pass over it (page faults)."""
     work = x_cols.dtype
-    block_weights, _, norm = _weights_and_row_sums(terms, tau, rows, cols, work)
+    block_weights, norm = _weights_and_row_sums(terms, tau, rows, cols, work)
     if vector_products_on_cpu(x_cols) and work != torch.float64:  # a product and a sum in place
         out = block_weights.mul_(x_cols.transpose(1, 2)).sum(-1, keepdim=True)
     else:
@@ -426,7 +422,7 @@ class TritonBackend:
         return sorted_scores, order, None if mask is None else mask.sum(-1)
 
     def prepare(self, scores: Tensor, tau: Tensor, banded: bool, values: Tensor | None = None,
-                mask: Tensor | None = None, counts: bool = True) -> SortedTerms:
+                mask: Tensor | None = None) -> SortedTerms:
         """Always folds ``poison_lists`` into t (in the kernel, for free), and always counts ties."""
         from .kernels import launch
 

@@ -103,14 +103,13 @@ def _take(values: Tensor, index: Tensor) -> Tensor:
 
 
 def sorted_terms(scores: Tensor, tau: float | Tensor, banded: bool = True, windows: bool = True,
-                 mask: Tensor | None = None, counts: bool = True) -> SortedTerms:
+                 mask: Tensor | None = None) -> SortedTerms:
     """Sort once, prefix sums in float64, windows by binary search: O(B n log n). scores: (B, n).
 
     ``tau``: a float or a 0-d float64 tensor. ``windows=False`` leaves ``lower``/``upper`` empty, ``(B, 0)``: the
     dense evaluations need no windows (they mask the band's drops directly), and skipping the binary search saves
     ~2 log2(n) small operations per call. ``mask`` (B, n) bool, True for real items: padded lists (see
-    ``SortedTerms``). ``counts=False`` leaves ``count``/``less``/``not_greater`` empty too, ``(B, 0)``: the PyTorch
-    path's one-shot backward takes the signs of the scores' differences densely instead."""
+    ``SortedTerms``)."""
     s = scores.detach().to(torch.float64)
     batch, n = s.shape
     if mask is None:
@@ -128,18 +127,14 @@ def sorted_terms(scores: Tensor, tau: float | Tensor, banded: bool = True, windo
     # W_m = sum_{q<m} q g_q = sum_{j<=m} (j - 1)(t_j - t_{j-1}), the j = 0 term 0 (a zero gap, prepended).
     w = torch.cumsum(positions(n, s.device, 1, -1) * torch.diff(t, dim=-1, prepend=t[:, :1]), dim=-1) if n else None
     w = t.clone() if w is None else w  # (an empty list's: distinct from t, as a custom op's outputs must be)
-    if not counts:
-        less, not_greater = order.new_empty((batch, 0)), order.new_empty((batch, 0))
-        count = t.new_empty((batch, 0))
+    searched = t if mask is None else torch.where(valid, t, float("inf"))  # ties among the real items only
+    less = torch.searchsorted(searched, searched, right=False)
+    not_greater = torch.searchsorted(searched, searched, right=True)
+    if mask is None:
+        count = (less + not_greater).to(torch.float64).sub_(n)
     else:
-        searched = t if mask is None else torch.where(valid, t, float("inf"))  # ties among the real items only
-        less = torch.searchsorted(searched, searched, right=False)
-        not_greater = torch.searchsorted(searched, searched, right=True)
-        if mask is None:
-            count = (less + not_greater).to(torch.float64).sub_(n)
-        else:
-            less, not_greater = torch.where(valid, less, 0), torch.where(valid, not_greater, n)
-            count = (less + not_greater - length[:, None]).to(torch.float64)
+        less, not_greater = torch.where(valid, less, 0), torch.where(valid, not_greater, n)
+        count = (less + not_greater - length[:, None]).to(torch.float64)
     # Distinct empty tensors: a custom op's outputs may not alias each other.
     terms = SortedTerms(order, t, w, count, less, not_greater, lower=order.new_empty((batch, 0)),
                         upper=order.new_empty((batch, 0)), length=length, masked=mask is not None)

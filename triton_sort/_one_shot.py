@@ -32,6 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ._backends import EXP_FLOOR
 from ._columns import index_positions
 
 _CONSTANTS: dict[tuple[int, str, bool], tuple[Tensor, Tensor]] = {}
@@ -84,17 +85,20 @@ class LeanTerms(NamedTuple):
 
 
 def lean_terms(u: Tensor, order: Tensor, tau: Tensor, descending: bool, length: Tensor | None = None,
-               mask: Tensor | None = None, scores: Tensor | None = None) -> LeanTerms:
-    """The terms from the sorted scores ``u`` (padded positions already 0), ``order`` and, for padded lists, the
-    lengths and the mask by item: prefix sums of gaps, the constants over tau, the items' scores and ``b``.
-    ``scores``: the float64 scores by item where at hand (unpadded: the very values u was sorted from), else
-    scattered back from u."""
+               mask: Tensor | None = None, scores: Tensor | None = None, b: Tensor | None = None) -> LeanTerms:
+    """The terms from the sorted scores ``u``, ``order`` and, for padded lists, the lengths (padded positions of u
+    are set to 0): prefix sums of gaps, the constants over tau, the items' scores and ``b``. What is at hand is not
+    recomputed: ``mask`` by item (else scattered back from the sorted positions), ``scores`` float64 by item
+    (unpadded: the very values u was sorted from; else scattered back from u) and ``b`` (a forward's)."""
     n = u.shape[-1]
     valid = None
     if length is not None:
         valid = index_positions(n, u.device)[None, :] < length[:, None]
+        mask = from_sorted(valid, order) if mask is None else mask
+        u = torch.where(valid, u, 0.0)
     scaled = _constants(n, u.device, descending)[0] / tau.detach()
-    b = torch.cumsum(torch.sub(u, u.roll(1, 1)).mul_(scaled[1]), dim=-1)
+    if b is None:
+        b = torch.cumsum(torch.sub(u, u.roll(1, 1)).mul_(scaled[1]), dim=-1)
     scores = from_sorted(u, order) if scores is None else scores
     return LeanTerms(u, order, b, scaled, scores, from_sorted(b, order), length, valid, mask)
 
@@ -108,9 +112,7 @@ def sort_scores(scores: Tensor, tau: Tensor, descending: bool, mask: Tensor | No
         return lean_terms(u, order, tau, descending, scores=key)
     key = torch.where(mask, key, float("-inf") if descending else float("inf"))
     u, order = torch.sort(key, dim=-1, descending=descending, stable=True)
-    length = mask.sum(-1)
-    u = torch.where(index_positions(u.shape[-1], u.device)[None, :] < length[:, None], u, 0.0)
-    return lean_terms(u, order, tau, descending, length, mask)
+    return lean_terms(u, order, tau, descending, mask.sum(-1), mask)
 
 
 def from_sorted(values: Tensor, order: Tensor) -> Tensor:
@@ -128,18 +130,17 @@ def lean_logits(terms: LeanTerms, descending: bool) -> Tensor:
 # the CPU's vectorised exp down a slow path (also exp(-inf): the padded lists' masked logits took 10x the unmasked
 # exp at (64, 100)); below it the clamp would be one more operation for nothing measurable.
 CLAMP_ELEMENTS = 1 << 14
-EXP_FLOOR = -708.0
 
 
 def lean_weights(terms: LeanTerms, descending: bool) -> Tensor:
     """P_hat by output row and item (B, n, n) float64: real rows sum to 1, padded columns are exactly 0, padded rows
     finite garbage (every product zeroes them: the output's padded rows and the gradient's): exp over the row sum
-    (the row maximum is the diagonal's 0, so no shift is needed). The logits are clamped to
-    [EXP_FLOOR, 0] for padded lists (their padded rows' logits have no bound) and large problems (denormals); real
+    (the row maximum is the diagonal's 0, so no shift is needed). The logits are clamped to [EXP_FLOOR, 0]
+    (float64's) for padded lists (their padded rows' logits have no bound) and large problems (denormals); real
     rows' logits are <= 0 anyway (drops are >= 0)."""
     logits = lean_logits(terms, descending)
     if terms.valid is not None or logits.numel() > CLAMP_ELEMENTS:
-        logits.clamp_(min=EXP_FLOOR, max=0.0)
+        logits.clamp_(min=EXP_FLOOR[torch.float64], max=0.0)
     weights = logits.exp_()  # (torch.softmax: 2 operations fewer, but 1.2x-10x slower on CPU from B n > 16 rows)
     if terms.valid is None:
         return weights.div_(weights.sum(-1, keepdim=True))
@@ -183,6 +184,11 @@ def lean_backward(probs: Tensor, terms: LeanTerms, rows: Tensor, cols: Tensor, d
     return gradient.to(dtype), dz
 
 
+def saved_values(x: Tensor, terms: LeanTerms, transpose: bool) -> Tensor:
+    """x (B, n, d) in float64 with padded entries 0: by item, or (``transpose``) by output row."""
+    return _real(x.detach().to(torch.float64), terms.valid if transpose else terms.mask)
+
+
 def lean_apply(scores: Tensor, x: Tensor, tau: Tensor, descending: bool, transpose: bool, poison: bool,
                mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, LeanTerms, Tensor]:
     """``P_hat @ x`` (x by item, result by output row) or ``P_hat^T @ x`` (``transpose``: x by output row, result
@@ -192,7 +198,7 @@ def lean_apply(scores: Tensor, x: Tensor, tau: Tensor, descending: bool, transpo
     and items are 0). ``poison``: a list with a non-finite real score or value becomes NaN throughout (validation
     off, as on every path: ``_backends.poison_lists``)."""
     terms = sort_scores(scores, tau, descending, mask)
-    saved = _real(x.detach().to(torch.float64), terms.valid if transpose else terms.mask)
+    saved = saved_values(x, terms, transpose)
     if poison:  # a non-finite score already makes all of b NaN (the roll's wrap-around gap, times 0)
         terms.u.add_(saved.sum((1, 2)).mul_(0.0)[:, None])
     probs = lean_weights(terms, descending)

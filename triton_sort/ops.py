@@ -31,10 +31,7 @@ from ._backends import (
     signed_sum_gradient,
 )
 from ._columns import TENSOR_FIELDS, SortedTerms, index_positions, positions
-from ._one_shot import LeanTerms, lean_apply, lean_apply_backward
-from ._one_shot import _constants as lean_constants
-from ._one_shot import _real as lean_real
-from ._one_shot import from_sorted as lean_from_sorted
+from ._one_shot import LeanTerms, lean_apply, lean_apply_backward, lean_terms, saved_values
 from ._validation import tau_checked, validation_enabled
 
 TERM_FIELDS = TENSOR_FIELDS
@@ -68,11 +65,6 @@ def validate_data(scores: Tensor, x: Tensor | None, tau: Tensor | None, mask: Te
         total = total + tau.reciprocal().log()
     if bool(torch.isfinite(total)):
         return
-    raise_non_finite(scores, x, tau)
-
-
-def raise_non_finite(scores: Tensor, x: Tensor | None, tau: Tensor | None) -> None:
-    """The ValueError naming the first non-finite input (scores, x, tau), if any (the slow path of the checks)."""
     if not bool(torch.isfinite(scores).all()):
         raise ValueError("scores must be finite: found NaN or infinite values")
     if x is not None and not bool(torch.isfinite(x).all()):
@@ -281,11 +273,8 @@ def lean_forward(scores: Tensor, x: Tensor, tau: Tensor, mask: Tensor | None, de
         total = result[1].sum()
         if not tau_checked(tau):
             total = total.add_(tau.reciprocal().log_())  # log(1 / tau): finite iff tau is valid
-        if bool(total.sub_(total)):  # NaN unless finite
-            value_mask = rank_mask(mask) if transpose and mask is not None else mask
-            if mask is not None:  # padding may hold anything
-                scores, x = scores.masked_fill(~mask, 0), x.masked_fill(~value_mask[..., None], 0)
-            raise_non_finite(scores, x, tau)
+        if bool(total.sub_(total)):  # NaN unless finite: the inputs' own checks name the culprit
+            validate_data(scores, x, tau, mask, rank_mask(mask) if transpose and mask is not None else mask)
     if hard:
         result = (_hard_apply(scores, x, descending, mask, transpose), *result[1:])
     return result
@@ -377,8 +366,7 @@ def sort_apply(scores: Tensor, x: Tensor, tau: Tensor, mask: Tensor | None, desc
             out = _hard_apply(scores, x, descending, mask, transpose)
         return (out, norm, weights, *terms.tensors())
     # x by rank (transpose) is not in the items' order that prepare's poisoning reads: poisoned here instead.
-    counts = impl.has_counts(*scores.shape, scores.device, mask is not None)
-    terms = impl.prepare(scores, tau, banded, None if transpose else x, mask, counts)
+    terms = impl.prepare(scores, tau, banded, None if transpose else x, mask)
     if transpose:
         if not validation_enabled():
             terms.t.add_(list_poison(x, value_mask)[:, None])
@@ -415,12 +403,8 @@ def sort_apply_backward(x: Tensor, grad: Tensor, norm: Tensor, weights: Tensor, 
     forward's one-shot weights (or an empty tensor: recomputed tile by tile)."""
     impl = BACKENDS[backend]
     if backend == "torch" and impl.lean(*norm.shape, norm.device):  # t = u, w = b: lean_apply's terms
-        n = t.shape[-1]
-        valid = index_positions(n, t.device)[None, :] < length[:, None] if masked else None
-        terms = LeanTerms(t, order, w, lean_constants(n, t.device, descending)[0] / tau, lean_from_sorted(t, order),
-                          lean_from_sorted(w, order), length if masked else None, valid,
-                          lean_from_sorted(valid, order) if masked else None)
-        saved = lean_real(x.to(torch.float64), terms.valid if transpose else terms.mask)
+        terms = lean_terms(t, order, tau, descending, length if masked else None, b=w)
+        saved = saved_values(x, terms, transpose)
         d_scores, d_x, tau_terms = lean_apply_backward(weights, terms, saved, grad, tau, descending, transpose, True,
                                                        need_tau)
         return d_scores, d_x, norm.new_empty((norm.shape[0], 0)) if tau_terms is None else tau_terms
