@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo.testing
-from reference import DEVICE
+from reference import DEVICE, use_torch_chunks
 
 import triton_sort
 from triton_sort import relaxed_quantile, relaxed_sort_apply, relaxed_sort_matrix, relaxed_topk
@@ -232,10 +232,8 @@ def test_backward_with_zero_width_values():
 def test_non_finite_inputs_poison_their_list_with_validation_off(monkeypatch, backend, n, where, bad):
     """One rule on every path: the list with a non-finite input is NaN throughout (outputs, both gradients, the
     matrix of a non-finite score), the other lists are untouched."""
-    from triton_sort import _backends
-
     if n == 300:
-        monkeypatch.setattr(_backends, "DENSE_ELEMENTS", 0)  # the chunked, windowed PyTorch path
+        use_torch_chunks(monkeypatch)  # the chunked, windowed PyTorch path
     scores, x = torch.randn(3, n), torch.randn(3, n, 2)
     (scores if where == "scores" else x)[1, n // 3] = bad
     scores, x = scores.requires_grad_(), x.requires_grad_()

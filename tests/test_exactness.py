@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from reference import DEVICE, relative_error, scores_grad_floor
+from reference import DEVICE, relative_error, scores_grad_floor, use_torch_chunks
 
 from triton_sort import relaxed_sort_apply, relaxed_sort_matrix
 from triton_sort._backends import dense_drops
@@ -156,7 +156,7 @@ def test_row_blocks_of_long_lists_match_the_one_shot_evaluation(monkeypatch, mas
     results = []
     for dense in (True, False):
         if not dense:
-            monkeypatch.setattr(backends, "DENSE_ELEMENTS", 0)
+            use_torch_chunks(monkeypatch)
             monkeypatch.setattr(backends, "BLOCK_ELEMENTS", 50_000)  # blocks of about 100 rows
         s, xs = scores.clone().requires_grad_(), x.clone().requires_grad_()
         tau = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)

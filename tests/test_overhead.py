@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import use_torch_chunks
 
 import triton_sort
 from triton_sort import _backends, relaxed_sort_apply, relaxed_sort_matrix, relaxed_topk
@@ -71,7 +72,7 @@ def gpu_block_sizes(monkeypatch):
     """The PyTorch path's block sizes as on a GPU: on CPU blocks are capped at cache-sized ones (more, smaller
     blocks: faster there, but more operations than a GPU would launch)."""
     monkeypatch.setattr(_backends, "CPU_BLOCK_ELEMENTS", _backends.DENSE_ELEMENTS)
-    monkeypatch.setattr(_backends, "CPU_ONE_SHOT_ELEMENTS", _backends.DENSE_ELEMENTS)
+    monkeypatch.setattr(_backends, "CPU_ONE_SHOT_ELEMENTS", _backends.ONE_SHOT_ELEMENTS)
 
 
 @pytest.mark.parametrize(("batch", "n", "d"), [(1, 8, 1), (256, 8, 1), (64, 100, 1), (64, 100, 16), (16, 256, 1)])
@@ -92,6 +93,17 @@ def test_torch_small_problems_take_a_fixed_number_of_operations(gpu_block_sizes,
     assert counts.host_syncs == 0 and counts.device_ops <= TORCH_LEAN_PADDED_DEVICE_OPS, counts
 
 
+@pytest.mark.parametrize(("batch", "n"), [(1024, 100), (16, 1000)])
+def test_torch_grid_sizes_up_to_2_24_entries_take_one_shot_on_a_gpu(gpu_block_sizes, batch, n):
+    """The issue's grid sizes beyond 2^22 entries (batch chunks or row blocks below it): one shot on a GPU, the
+    same fixed number of operations and no synchronisation."""
+    assert _backends.TorchBackend().lean(batch, n, "cuda") and not _backends.TorchBackend().lean(4 * batch, n, "cuda")
+    scores, x = torch.randn(batch, n), torch.randn(batch, n, 1)
+    _counted_step(scores, x, "torch")
+    counts = _counted_step(scores, x, "torch")
+    assert counts.host_syncs == 0 and counts.device_ops <= TORCH_LEAN_DEVICE_OPS, counts
+
+
 @pytest.mark.parametrize(("banded", "masked"), [(True, False), (False, False), (True, True)])
 def test_torch_one_shot_and_chunked_paths_agree(monkeypatch, banded, masked):
     """The same inputs through both sides of DENSE_ELEMENTS: values, both gradients, the matrix and top-k."""
@@ -104,7 +116,8 @@ def test_torch_one_shot_and_chunked_paths_agree(monkeypatch, banded, masked):
     results = []
     # One shot (the lean path), then chunked (weights recomputed in the backward, tie counts).
     for limit in (_backends.DENSE_ELEMENTS, 0):
-        monkeypatch.setattr(_backends, "DENSE_ELEMENTS", limit)
+        if limit == 0:
+            use_torch_chunks(monkeypatch)
         assert _backends.TorchBackend.dense(3, 257, "cpu") == (limit > 0)
         assert _backends.TorchBackend().lean(3, 257, "cpu") == (limit > 0)
         assert _backends.TorchBackend().has_counts(3, 257, "cpu", masked) == (limit == 0)
@@ -150,7 +163,7 @@ def test_batch_chunks_of_the_dense_evaluation_agree_with_one_shot(monkeypatch, m
     mask = (torch.rand(7, 20, generator=gen) < 0.7) if masked else None
     results = []
     for limit in (_backends.DENSE_ELEMENTS, 3 * 20 * 20):  # one chunk; chunks of 3 lists (7 = 3 + 3 + 1)
-        monkeypatch.setattr(_backends, "DENSE_ELEMENTS", limit)
+        use_torch_chunks(monkeypatch, limit)
         assert _backends.TorchBackend.dense(7, 20, "cpu")
         terms = _backends.sorted_terms(scores, torch.tensor(0.3, dtype=torch.float64), windows=False)
         assert len(_backends.TorchBackend()._blocks(terms)) == (1 if limit > 7 * 400 else 3)

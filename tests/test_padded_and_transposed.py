@@ -8,10 +8,9 @@ import math
 
 import pytest
 import torch
-from reference import BASE_TOLERANCE, DEVICE, relative_error
+from reference import BASE_TOLERANCE, DEVICE, relative_error, use_torch_chunks
 
 from triton_sort import (
-    _backends,
     relaxed_quantile,
     relaxed_rank,
     relaxed_sort,
@@ -63,7 +62,7 @@ def path(request, monkeypatch) -> str:
     """The backend to call: the PyTorch path's one-shot (dense) and chunked evaluations, and the Triton kernels
     (one launch per pass for short lists, and the tiled kernels that serve long ones)."""
     if request.param == "torch-chunked":
-        monkeypatch.setattr(_backends, "DENSE_ELEMENTS", 0)
+        use_torch_chunks(monkeypatch)
     if request.param == "triton-tiled":
         monkeypatch.setattr(launch, "SHORT_MAX_N", 0)
     return request.param.split("-")[0]
@@ -268,7 +267,7 @@ def test_leading_batch_shapes_equal_the_flattened_call(backend, leading):
 @pytest.mark.parametrize("chunked", [False, True])
 def test_gradcheck_masked_and_transposed_paths(chunked, monkeypatch):
     if chunked:
-        monkeypatch.setattr(_backends, "DENSE_ELEMENTS", 0)
+        use_torch_chunks(monkeypatch)
     torch.manual_seed(1)
     base = torch.randperm(9, dtype=F64) * 0.7 / 9 + torch.rand(2, 9, dtype=F64) * 0.01
     scores = base.to(DEVICE).requires_grad_()

@@ -174,13 +174,18 @@ CPU_BLOCK_ELEMENTS = 1 << 17
 # entries (at (64, 100), 640k entries, one shot and blocks of 2^17 took the same time with a third of the
 # operations; at (64, 128), 1M entries, blocks took 13.6 ms and one shot 24.7 ms).
 CPU_ONE_SHOT_ELEMENTS = 768 << 10
+# On a GPU the one-shot evaluation serves up to 2^24 entries (its saved weights 64 MiB in fp32, the dense formula's
+# own footprint): there every operation is a launch of several microseconds, and the row blocks or batch chunks
+# above 2^22 dispatch 30x more of them ((16, 1000): about 950 operations and 4 syncs in row blocks, 39 in one shot),
+# where each of the one shot's ~25 full-size passes over 16M entries streams in tens of microseconds.
+ONE_SHOT_ELEMENTS = 1 << 24
 # One-shot problems, padded or not, take the lean path (``_one_shot``; measured on 2 cores, forward + backward,
 # d = 1, against the former one-shot evaluation with tie counts: 0.90x at (64, 100), 0.87x at (12, 256), 1.02x at
 # (1000, 8); 0.74x at (64, 100) with d = 16).
 
 
 def block_limit(limit: int, device: torch.device | str, cpu_cap: int | None = None) -> int:
-    """``limit`` (DENSE_ELEMENTS or BLOCK_ELEMENTS) for blocks on ``device``: capped at ``cpu_cap`` on CPU
+    """``limit`` (DENSE_ELEMENTS, ONE_SHOT_ELEMENTS or BLOCK_ELEMENTS) on ``device``: capped at ``cpu_cap`` on CPU
     (CPU_BLOCK_ELEMENTS unless given)."""
     if torch.device(device).type != "cpu":
         return limit
@@ -214,8 +219,8 @@ class TorchBackend:
     @staticmethod
     def saves_weights(batch: int, n: int, device: torch.device | str) -> bool:
         """Whether the forward returns its weights for the backward (the one-shot evaluation: at most
-        DENSE_ELEMENTS of them, 32 MiB in float64; CPU_ONE_SHOT_ELEMENTS on CPU) instead of an empty tensor."""
-        return 0 < batch * n * n <= block_limit(DENSE_ELEMENTS, device, CPU_ONE_SHOT_ELEMENTS)
+        ONE_SHOT_ELEMENTS of them on a GPU, CPU_ONE_SHOT_ELEMENTS on CPU) instead of an empty tensor."""
+        return 0 < batch * n * n <= block_limit(ONE_SHOT_ELEMENTS, device, CPU_ONE_SHOT_ELEMENTS)
 
     def has_counts(self, batch: int, n: int, device: torch.device | str, masked: bool) -> bool:
         """Whether the terms of ``P_hat @ x`` count ties (``count``, ``less``, ``not_greater``; else empty): all but

@@ -123,7 +123,11 @@ def _triton_available() -> bool:
 
 
 def _as_batch(scores: Tensor) -> Tensor:
-    """scores (..., n) as (B, n), B the product of the leading dimensions (1 for 1-D scores)."""
+    """scores (..., n) as (B, n), B the product of the leading dimensions (1 for 1-D scores); (B, n) scores are
+    returned as they are (a reshape to the same shape is still a view with an autograd node of its own, forward and
+    backward: microseconds that count for a short list)."""
+    if scores.dim() == 2:
+        return scores
     return scores.reshape(math.prod(scores.shape[:-1]), scores.shape[-1])
 
 
@@ -140,6 +144,8 @@ def _check_values(scores: Tensor, x: object, name: str = "x") -> Tensor:
         raise ValueError(f"{name} must have shape (..., n) or (..., n, d) with the leading dimensions and n of "
                          f"scores {tuple(scores.shape)}, got {tuple(x.shape)}")
     values = x if x.dim() == leading + 1 else x.unsqueeze(-1)
+    if values.dim() == 3:  # already (B, n, d): no view (see _as_batch)
+        return values
     return values.reshape(math.prod(scores.shape[:-1]), scores.shape[-1], values.shape[-1])
 
 
@@ -195,11 +201,11 @@ def _apply(name: str, scores: Tensor, x: Tensor, tau: float | Tensor, descending
     _check_flag("banded", banded)
     batch_scores = _as_batch(scores)
     if apply_directly(batch_scores, values, tau, backend):
-        return LeanApply.apply(batch_scores, values, tau, flat_mask, descending, hard, transpose, name).reshape(
-            x.shape)
-    out = APPLY_FUNCTIONS[name].apply(batch_scores, values, tau, flat_mask, descending, hard, banded, transpose,
-                                      backend)[0]
-    return out.reshape(x.shape)
+        out = LeanApply.apply(batch_scores, values, tau, flat_mask, descending, hard, transpose, name)
+    else:
+        out = APPLY_FUNCTIONS[name].apply(batch_scores, values, tau, flat_mask, descending, hard, banded, transpose,
+                                          backend)[0]
+    return out if out.shape == x.shape else out.reshape(x.shape)
 
 
 def relaxed_sort_matrix(scores: Tensor, tau: float | Tensor, *, descending: bool = True, hard: bool = False,

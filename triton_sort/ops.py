@@ -16,6 +16,7 @@ setup/backward functions as the ops' ``register_autograd``: PyTorch's generated 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import torch
@@ -273,7 +274,7 @@ def lean_forward(scores: Tensor, x: Tensor, tau: Tensor, mask: Tensor | None, de
         total = result[1].sum()
         if not tau_checked(tau):
             total = total.add_(tau.reciprocal().log_())  # log(1 / tau): finite iff tau is valid
-        if bool(total.sub_(total)):  # NaN unless finite: the inputs' own checks name the culprit
+        if not math.isfinite(total.item()):  # the inputs' own checks name the culprit
             validate_data(scores, x, tau, mask, rank_mask(mask) if transpose and mask is not None else mask)
     if hard:
         result = (_hard_apply(scores, x, descending, mask, transpose), *result[1:])
