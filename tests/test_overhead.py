@@ -17,10 +17,11 @@ from triton_sort.kernels.configs import SHORT_MAX_N
 # evaluation of small problems (the dense formula itself takes ~30-60 at these sizes).
 TRITON_DEVICE_OPS = 12
 TORCH_SMALL_DEVICE_OPS = 60
-# ... and what the lean path (``_one_shot``: unpadded one-shot problems) takes, validation on or off (39 and 40 as
-# measured, 40-41 from 2^14 entries, where the logits are clamped: the dense formula takes 26 with its autograd).
-TORCH_LEAN_DEVICE_OPS = 41
-TORCH_LEAN_PADDED_DEVICE_OPS = 63
+# ... and what the lean path (``_one_shot``: one-shot problems) takes, validation on or off (35 and 37 as measured,
+# 37-38 from 2^14 entries, where the logits are clamped; padded lists 58-60: the dense formula takes 26 with its
+# autograd).
+TORCH_LEAN_DEVICE_OPS = 38
+TORCH_LEAN_PADDED_DEVICE_OPS = 60
 
 
 def _counted_step(scores, x, backend, tau=1.0, validate=False, **options):

@@ -252,6 +252,8 @@ def test_leading_batch_shapes_equal_the_flattened_call(backend, leading):
         "topk": (lambda s, v, m: relaxed_topk(s, 2, TAU, mask=m, backend=backend), True),
         "quantile": (lambda s, v, m: relaxed_quantile(s, v, 0.5, TAU), False),
     }
+    if backend == "triton":  # the shape handling is the API's, before any backend: the kernels' outputs once each
+        cases = {name: cases[name] for name in ("apply", "transpose", "matrix")}
     for name, (fn, takes_mask) in cases.items():
         for m in ([None, mask] if takes_mask else [None]):
             nd = fn(scores, x, m)

@@ -174,10 +174,11 @@ CPU_BLOCK_ELEMENTS = 1 << 17
 # entries (at (64, 100), 640k entries, one shot and blocks of 2^17 took the same time with a third of the
 # operations; at (64, 128), 1M entries, blocks took 13.6 ms and one shot 24.7 ms).
 CPU_ONE_SHOT_ELEMENTS = 768 << 10
-# On a GPU the one-shot evaluation serves up to 2^24 entries (its saved weights 64 MiB in fp32, the dense formula's
-# own footprint): there every operation is a launch of several microseconds, and the row blocks or batch chunks
-# above 2^22 dispatch 30x more of them ((16, 1000): about 950 operations and 4 syncs in row blocks, 39 in one shot),
-# where each of the one shot's ~25 full-size passes over 16M entries streams in tens of microseconds.
+# On a GPU the one-shot evaluation serves up to 2^24 entries (its saved float64 weights 128 MiB, less than the
+# dense formula's fp32 matrices under autograd hold): there every operation is a launch of several microseconds,
+# and row blocks or batch chunks above 2^22 dispatch 25x more of them ((16, 1000): about 950 operations and 4 syncs
+# in row blocks, 37 in one shot), where each of the one shot's ~25 full-size passes over 16M entries streams in
+# tens of microseconds (not yet measured on a GPU).
 ONE_SHOT_ELEMENTS = 1 << 24
 # One-shot problems, padded or not, take the lean path (``_one_shot``; measured on 2 cores, forward + backward,
 # d = 1, against the former one-shot evaluation with tie counts: 0.90x at (64, 100), 0.87x at (12, 256), 1.02x at
