@@ -42,7 +42,7 @@ class Grid:
     workload_ds: tuple[int, ...] = WORKLOAD_DS
     memory_ds: tuple[int, ...] | None = None  # CPU: d of the fresh-process memory runs (None: the first d)
     seconds_per_timing: float = 0.25  # CPU only: keep repeating a timed call until this much time has passed
-    max_reps: int = 20
+    max_reps: int = 100  # rounds at most: short calls get more samples within the same time budget
     max_seconds: float | None = None  # skip sizes whose forward + backward is predicted to take longer
     count_ops: bool = True  # record device operations and host syncs per call (bench.counting)
 

@@ -207,10 +207,16 @@ def _quantiles(samples: list[float]) -> tuple[float, float, float]:
     return at(0.5), at(0.2), at(0.8)
 
 
+# CPU: warm-up calls of each variant before timing, as many as fit in WARMUP_SECONDS (short calls: caches and the
+# allocator settle over a few calls; one long call warms as much as several).
+WARMUP_CALLS = 3
+WARMUP_SECONDS = 0.05
+
+
 def time_calls(fns: dict[str, Callable[[], object]], device: torch.device,
                grid: Grid) -> dict[str, tuple[float, float, float] | Exception]:
-    """(median, p20, p80) seconds of each call, or the exception it raised. On a GPU ``do_bench`` each; on CPU a
-    warm-up call each, then rounds of one call of each (rotating the order) until the time budget
+    """(median, p20, p80) seconds of each call, or the exception it raised. On a GPU ``do_bench`` each; on CPU
+    up to WARMUP_CALLS warm-up calls each, then rounds of one call of each (rotating the order) until the time budget
     (``seconds_per_timing`` per call) or ``max_reps`` rounds are spent, at least 3."""
     results: dict[str, tuple[float, float, float] | Exception] = {}
     live: dict[str, Callable[[], object]] = {}
@@ -221,7 +227,12 @@ def time_calls(fns: dict[str, Callable[[], object]], device: torch.device,
 
                 results[name] = tuple(ms / 1e3 for ms in do_bench(fn, quantiles=[0.5, 0.2, 0.8]))
             else:
-                fn()  # warm-up
+                warm_up = time.perf_counter()
+                fn()
+                for _ in range(WARMUP_CALLS - 1):  # caches, allocator, lazy initialisation: short calls only
+                    if time.perf_counter() - warm_up > WARMUP_SECONDS:
+                        break
+                    fn()
                 live[name] = fn
         except Exception as exc:  # recorded as a failed row by the caller
             results[name] = exc
