@@ -177,7 +177,7 @@ CPU_ONE_SHOT_ELEMENTS = 768 << 10
 # On a GPU the one-shot evaluation serves up to 2^24 entries (its saved float64 weights 128 MiB, less than the
 # dense formula's fp32 matrices under autograd hold): there every operation is a launch of several microseconds,
 # and row blocks or batch chunks above 2^22 dispatch 25x more of them ((16, 1000): about 950 operations and 4 syncs
-# in row blocks, 37 in one shot), where each of the one shot's ~25 full-size passes over 16M entries streams in
+# in row blocks, 36-38 in one shot), where each of the one shot's ~25 full-size passes over 16M entries streams in
 # tens of microseconds (not yet measured on a GPU).
 ONE_SHOT_ELEMENTS = 1 << 24
 # One-shot problems, padded or not, take the lean path (``_one_shot``; measured on 2 cores, forward + backward,
