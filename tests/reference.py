@@ -52,8 +52,6 @@ def backend_available(backend: str, dtype: torch.dtype) -> bool:
     return not (backend == "triton" and dtype == torch.float64)
 
 
-
-
 def use_torch_chunks(monkeypatch, entries: int = 0) -> None:
     """The PyTorch path's chunked evaluation instead of its one shot, at any size: batch chunks of at most
     ``entries`` (list, row, column) entries, or (0) windowed row blocks."""

@@ -67,7 +67,7 @@ def _scaled(n: int, device: torch.device, descending: bool, tau: Tensor) -> Tens
         return factors / tau.detach()
     key = (n, str(device), descending, id(tau))
     cached = _SCALED.get(key)
-    if cached is None or cached[0] is not tau:  # the same id may be a new tensor once the old one is gone
+    if cached is None:  # the entry keeps its tau alive, so no other tensor can take that id while it exists
         if len(_SCALED) > 256:
             _SCALED.clear()
         cached = _SCALED[key] = (tau, factors / tau)
