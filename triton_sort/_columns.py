@@ -159,15 +159,22 @@ _POSITIONS: dict[tuple[int, str, float, float], Tensor] = {}
 
 def positions(n: int, device: torch.device, scale: float = 1, shift: float = 0) -> Tensor:
     """``scale * p + shift`` for ``p = 0, 1, ..., n - 1`` in float64, cached per (n, device, scale, shift): a fresh
-    arange is one more kernel launch per call. Never written to."""
+    arange is one more kernel launch per call. Never written to. Traced (torch.compile), it is made afresh inside
+    the graph: reading the cache would guard on its size, which eager calls elsewhere change (a recompilation)."""
+    if torch.compiler.is_compiling():
+        return _scaled_arange(n, device, scale, shift)
     key = (n, str(device), scale, shift)
     cached = _POSITIONS.get(key)
     if cached is None:
         if len(_POSITIONS) > 256:
             _POSITIONS.clear()
-        cached = torch.arange(max(n, 0), device=device, dtype=torch.float64)
-        cached = _POSITIONS[key] = cached.mul_(scale).add_(shift) if (scale, shift) != (1, 0) else cached
+        cached = _POSITIONS[key] = _scaled_arange(n, device, scale, shift)
     return cached
+
+
+def _scaled_arange(n: int, device: torch.device, scale: float, shift: float) -> Tensor:
+    p = torch.arange(max(n, 0), device=device, dtype=torch.float64)
+    return p.mul_(scale).add_(shift) if (scale, shift) != (1, 0) else p
 
 
 def _windows(terms: SortedTerms, rows: Tensor, limit: float | Tensor, last: Tensor) -> tuple[Tensor, Tensor]:
@@ -204,7 +211,10 @@ _INDEX_POSITIONS: dict[tuple[int, str], Tensor] = {}
 
 
 def index_positions(n: int, device: torch.device) -> Tensor:
-    """``0, 1, ..., n - 1`` as int64, cached like ``positions``. Never written to."""
+    """``0, 1, ..., n - 1`` as int64, cached like ``positions`` (and, like it, made afresh when traced). Never
+    written to."""
+    if torch.compiler.is_compiling():
+        return torch.arange(max(n, 0), device=device)
     key = (n, str(device))
     cached = _INDEX_POSITIONS.get(key)
     if cached is None:
