@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import relative_error, scores_grad_floor, tolerance
+from reference import relative_error, scores_grad_floor, tolerance, use_torch_chunks
 
 import triton_sort
 from triton_sort import _backends, ops, relaxed_sort_apply
@@ -140,3 +140,42 @@ def test_checked_python_tau_skips_only_its_own_check():
     for bad in (-1.0, 0.0, float("inf")):
         with pytest.raises(ValueError, match="tau must be finite and > 0"):
             relaxed_sort_apply(scores, x, torch.tensor(bad, dtype=F64))
+
+
+@pytest.mark.parametrize("d", [1, 16])
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_swapped_products_match_the_dense_formula(monkeypatch, d, transpose, chunked):
+    """Where the CPU's products run swapped (``_backends.batched_product``: a transposed view) and d = 1's outer
+    product is a broadcast one, in the one shot and in batch chunks: float64 results and gradients as the dense
+    formula's, and the output and the values' gradient contiguous."""
+    batch, n = 8, 128
+    if chunked:
+        use_torch_chunks(monkeypatch, entries=4 * n * n)  # chunks of 4 lists
+        assert not _backends.TorchBackend().lean(batch, n, "cpu")
+    assert _backends.swaps_product(4 if chunked else batch, n, n, d, "cpu")
+    scores, x, grad = _inputs(batch, n, d, seed=d)
+    tau = torch.tensor(0.3, dtype=F64)
+    ours = _results(lambda s, v, t: relaxed_sort_apply(s, v, t, transpose=transpose, backend="torch"), scores, x,
+                    tau, grad)
+    dense = _results(lambda s, v, t: _dense(s, v, t, True, transpose), scores, x, tau, grad)
+    floors = (0.0, scores_grad_floor(grad, x, float(tau)), 0.0, 0.0)
+    for name, a, b, floor in zip(("out", "d_scores", "d_x", "d_tau"), ours, dense, floors, strict=True):
+        _assert_close(a, b, floor, name)
+    assert ours[0].is_contiguous() and ours[2].is_contiguous()
+    for dtype in (torch.float32, F64):  # the casts make the swapped views contiguous whatever the dtype
+        s, v = scores.to(dtype).requires_grad_(), x.to(dtype).requires_grad_()
+        out = relaxed_sort_apply(s, v, 0.3, transpose=transpose, backend="torch")
+        assert out.is_contiguous() and torch.autograd.grad(out, v, grad.to(dtype))[0].is_contiguous()
+
+
+def test_batched_product_is_the_plain_product():
+    gen = torch.Generator().manual_seed(3)
+    for batch, rows, m, width in [(4, 100, 100, 16), (2, 64, 300, 1), (300, 8, 8, 16), (1, 64, 64, 16)]:
+        weights, values = torch.rand(batch, rows, m, generator=gen, dtype=F64), torch.randn(batch, m, width,
+                                                                                              generator=gen, dtype=F64)
+        for w in (weights, weights.transpose(1, 2).contiguous().transpose(1, 2)):
+            expected = torch.einsum("brm,bmd->brd", w, values)
+            torch.testing.assert_close(_backends.batched_product(w, values), expected, rtol=1e-13, atol=1e-13)
+    assert _backends.swaps_product(4, 100, 100, 16, "cpu") and not _backends.swaps_product(300, 8, 8, 16, "cpu")
+    assert not _backends.swaps_product(4, 100, 100, 16, "cuda")  # GPUs: the plain product

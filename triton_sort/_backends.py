@@ -199,6 +199,31 @@ def vector_products_on_cpu(values: Tensor) -> bool:
     return values.shape[-1] == 1 and values.device.type == "cpu"
 
 
+# The CPU's batched matrix products (MKL's gemm) run up to 5x faster with the values' short side d as the output's rows,
+# ``(x^T @ P^T)^T``, once a product has some work, n is not short and d is narrow; measured on an AMD EPYC (torch 2.13
+# + MKL 2024.2, 1 thread), float64: (64, 100, 16) 2.5 -> 1.5 ms, (64, 100, 1) 0.87 -> 0.18 ms, (3, 1000, 16) 11 -> 5.5
+# ms; fp32: (76, 100, 16) 0.66 -> 0.47 ms, (11, 256, 1) 0.86 -> 0.19 ms; but (256, 8, 16) 0.07 -> 0.18 ms (n short).
+# GPUs keep the plain product (cuBLAS takes either layout).
+SWAPPED_PRODUCT_ELEMENTS = 1 << 15
+SWAPPED_PRODUCT_MIN_N = 32
+
+
+def batched_product(weights: Tensor, values: Tensor) -> Tensor:
+    """``weights @ values``: (B, r, m) (or a transposed view) times (B, m, d) -> (B, r, d), as a transposed view
+    ``(values^T @ weights^T)^T`` where that is faster (see SWAPPED_PRODUCT_ELEMENTS): the same sums, contiguous only
+    if the caller makes it so."""
+    if swaps_product(*weights.shape, values.shape[-1], values.device):
+        return torch.bmm(values.transpose(1, 2), weights.transpose(1, 2)).transpose(1, 2)
+    return torch.bmm(weights, values)
+
+
+def swaps_product(batch: int, rows: int, m: int, width: int, device: torch.device | str) -> bool:
+    """Whether ``batched_product`` of (batch, rows, m) weights and (batch, m, width) values runs swapped."""
+    short = min(rows, m)
+    return (torch.device(device).type == "cpu" and short >= SWAPPED_PRODUCT_MIN_N and 4 * width <= short
+            and batch * rows * m >= SWAPPED_PRODUCT_ELEMENTS)
+
+
 class TorchBackend:
     """PyTorch path: dense blocks of (lists, rows, columns) entries, each a handful of large tensor operations.
 
@@ -318,7 +343,7 @@ class TorchBackend:
             chunk = terms.lists(lists.start, lists.stop)
             block_weights, norm[lists, rows] = _weights_and_row_sums(chunk, tau, rows, cols, work)
             scaled = v_rows[lists, rows] / norm[lists, rows, None].to(work)
-            out[lists, cols] += torch.bmm(block_weights.transpose(1, 2), scaled)
+            out[lists, cols] += batched_product(block_weights.transpose(1, 2), scaled)
         return from_sorted(out, terms.order).to(v.dtype), norm, v.new_empty(0, dtype=torch.float64)
 
     def apply_backward(self, terms: SortedTerms, x: Tensor, grad: Tensor, norm: Tensor, tau: Tensor,
@@ -369,7 +394,7 @@ def _forward_block(terms: SortedTerms, tau: Tensor, rows: slice, cols: slice, x_
     if vector_products_on_cpu(x_cols) and work != torch.float64:  # a product and a sum in place
         out = block_weights.mul_(x_cols.transpose(1, 2)).sum(-1, keepdim=True)
     else:
-        out = torch.bmm(block_weights, x_cols)
+        out = batched_product(block_weights, x_cols)
     return out.div_(norm[..., None]), norm
 
 
@@ -390,7 +415,7 @@ def _backward_block(terms: SortedTerms, tau: Tensor, rows: slice, cols: slice, x
         dx = torch.mul(weights, g_scaled, out=scratch).sum(1)[..., None]
         gx = torch.mul(g_rows, x_cols.transpose(1, 2), out=scratch)
     else:
-        dx = torch.bmm(weights.transpose(1, 2), g_scaled)
+        dx = batched_product(weights.transpose(1, 2), g_scaled)
         gx = torch.bmm(g_rows, x_cols.transpose(1, 2), out=scratch)
     dz = gx.mul_(weights)  # w_pm g_p . x_m
     delta = dz.sum(-1, keepdim=True).mul_(inv_norm)  # Delta_p
