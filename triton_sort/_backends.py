@@ -220,7 +220,8 @@ def batched_product(weights: Tensor, values: Tensor) -> Tensor:
 def swaps_product(batch: int, rows: int, m: int, width: int, device: torch.device | str) -> bool:
     """Whether ``batched_product`` of (batch, rows, m) weights and (batch, m, width) values runs swapped."""
     short = min(rows, m)
-    return (torch.device(device).type == "cpu" and short >= SWAPPED_PRODUCT_MIN_N and 4 * width <= short
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return (device_type == "cpu" and short >= SWAPPED_PRODUCT_MIN_N and 4 * width <= short
             and batch * rows * m >= SWAPPED_PRODUCT_ELEMENTS)
 
 
