@@ -188,7 +188,7 @@ ONE_SHOT_ELEMENTS = 1 << 24
 def block_limit(limit: int, device: torch.device | str, cpu_cap: int | None = None) -> int:
     """``limit`` (DENSE_ELEMENTS, ONE_SHOT_ELEMENTS or BLOCK_ELEMENTS) on ``device``: capped at ``cpu_cap`` on CPU
     (CPU_BLOCK_ELEMENTS unless given)."""
-    if torch.device(device).type != "cpu":
+    if (device.type if isinstance(device, torch.device) else torch.device(device).type) != "cpu":
         return limit
     return min(limit, CPU_BLOCK_ELEMENTS if cpu_cap is None else cpu_cap)
 
