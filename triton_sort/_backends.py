@@ -86,10 +86,16 @@ def dense_drops(t: Tensor, w: Tensor) -> Tensor:
     return drop.sub_(w[:, :, None] - w[:, None, :], alpha=2)
 
 
-# The smallest exponent whose exp is a normal number, per dtype: exp of anything below it is a denormal or 0, which
-# CPUs compute on a slow path (measured: exp of 4M fp32 values at -90 took 150 ms, at -87 9 ms). Such weights
-# (< 1e-37 of their row's peak, exactly 1) change no sum; the band and the masks still set exact zeros.
-EXP_FLOOR = {torch.float32: -87.0, torch.float64: -708.0}
+# Logits are clamped at this floor before exp, per dtype: CPUs compute exp on a slow path where its result is near
+# or below the smallest normal number (measured on this Xeon, 1 thread, 320k entries: float64 exp at -700 took
+# 0.17 ms, at -708 2.9 ms, at -709 41 ms, at -800 6.2 ms; fp32 at -87 0.08 ms, at -90 10 ms), and products of such
+# weights with values below 1 are denormals again (10x slower products: (1024, 100) fp32 forward + backward
+# 109 ms with fp32's former floor of -87, 85 ms without denormals). float64's -500 keeps a weight (>= 7e-218)
+# times two factors of fp32 range a normal number, fp32's -60 (9e-27) times values down to 1e-12. Raising a weight
+# below e^floor to e^floor changes no sum that matters: the row's peak weighs exactly 1, so a row moves by at most
+# n e^floor of its values' size (n 9e-27 for fp32, far below the band's e^-30); the band and the masks still set
+# exact zeros.
+EXP_FLOOR = {torch.float32: -60.0, torch.float64: -500.0}
 
 
 def _block_logits(terms: SortedTerms, tau: Tensor, rows: slice, cols: slice) -> Tensor:
@@ -115,13 +121,15 @@ def _block_weights(terms: SortedTerms, tau: Tensor, rows: slice, cols: slice, dt
         logits = _block_logits(terms, tau, rows, cols).to(dtype)
     else:  # the caller's logits stay as they are (float64 to float64 would not copy)
         logits = logits.to(dtype, copy=True)
-    logits.clamp_(min=EXP_FLOOR[dtype])
-    if banded:
-        logits.masked_fill_(logits < -band_threshold(terms.n), float("-inf"))
-    if terms.masked:  # padded rows and columns weigh 0
+    # Zeros are set after exp, not as -inf logits before it: exp(-inf) takes the CPU's slow path (10x-15x).
+    outside = logits < -band_threshold(terms.n) if banded else None
+    weights = logits.clamp_(min=EXP_FLOOR[dtype]).exp_()
+    if outside is not None:
+        weights.masked_fill_(outside, 0.0)
+    if terms.masked:  # padded rows and columns weigh 0 (their logits may be NaN)
         valid = terms.valid()
-        logits = torch.where(valid[:, rows, None] & valid[:, None, cols], logits, float("-inf"))
-    return logits.exp_()
+        weights = torch.where(valid[:, rows, None] & valid[:, None, cols], weights, 0.0)
+    return weights
 
 
 def signed_sum_gradient(terms: SortedTerms, u: Tensor, r: Tensor, tau: Tensor, dtype: torch.dtype) -> Tensor:
