@@ -83,8 +83,13 @@ def test_grid_from_rows_recovers_the_sweeps_and_workloads():
         rec.add("v", "forward", point, "time", "s", (1.0,))
     grid = Grid.from_rows(rec.rows)
     assert (grid.ns, grid.taus, grid.batch, grid.workloads) == ((16, 32), (0.1, 1.0), 1, ((64, 100),))
+    assert grid.tau_workloads == ()  # measured at one tau only
     assert dataclasses.replace(grid, workloads=()).points() == sorted(grid.sweep_points(),
                                                                       key=lambda p: (p[0] * p[1] ** 2, p))
+    rec.add("v", "forward", (64, 100, 0.1, 16, "fp32"), "time", "s", (1.0,))  # the same workload at another tau
+    grid = Grid.from_rows(rec.rows)
+    assert (grid.workloads, grid.tau_workloads) == (((64, 100),), ((64, 100),))
+    assert (64, 100, 0.1, 16, "fp32") in grid.points()
 
 
 @pytest.mark.parametrize("module, argv, message", [

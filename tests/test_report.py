@@ -126,6 +126,23 @@ def test_grid_points_and_quick_defaults():
     # The batch grid of the common workloads, d = 1 and 16.
     assert {(1, 8), (256, 8), (1, 100), (64, 100), (1024, 100), (64, 256), (16, 1000), (1, 4096)} <= set(
         quick.workloads) and quick.workload_ds == (1, 16)
+    assert quick.tau_workloads == ((64, 100),)  # a short-list batch at every tau too
+    assert {(64, 100, tau, d, "fp32") for tau in quick.taus for d in (1, 16)} <= set(quick.points())
+
+
+def test_tau_workloads_are_measured_at_every_tau_and_tabled(tmp_path):
+    grid = dataclasses.replace(TINY, ns=(16,), taus=(0.1, 1.0, 10.0), ds=(1,), workloads=((3, 8),),
+                               tau_workloads=((3, 8),), workload_ds=(1,), memory_ds=(), count_ops=False)
+    variants = [VARIANTS["dense_reference"], VARIANTS["torch_banded"]]
+    rows = report.run(grid, variants, CPU, progress=False)
+    timed = {(r["variant"], r["tau"]) for r in rows if r["metric"] == "time" and r["status"] == "ok"
+             and (r["batch"], r["n"]) == (3, 8)}
+    assert timed == {(v.name, tau) for v in variants for tau in (0.1, 1.0, 10.0)}
+    report.write_report(rows, tmp_path, grid, variants, "triton-sort report --test", CPU, 1.0)
+    readme = (tmp_path / "README.md").read_text()
+    assert "Temperature (forward + backward" in readme
+    for tau in ("0.1", "1", "10"):
+        assert re.search(rf"\| 3 \| 8 \| 1 \| {tau} \| [\d.]+ [mu]s \| [\d.]+ [mu]s \| [\d.]+x \|", readme), tau
 
 
 def test_cli_writes_into_perf_reports_of_the_device_by_default(tmp_path, monkeypatch):
@@ -192,6 +209,7 @@ def test_pykeops_formulation_equals_the_dense_formula():
     (["--batch", "0"], "--batch: expected an integer >= 1"),
     (["--dtype", "fp64"], "--dtype: invalid choice"),
     (["--workloads", "64x0"], "--workloads: expected BxN"),
+    (["--tau-workloads", "x100"], "--tau-workloads: expected BxN"),
     (["--variants", "bogus"], "--variants: invalid choice"),
 ])
 def test_cli_rejects_bad_arguments_before_measuring(argv, message, capsys, monkeypatch, tmp_path):

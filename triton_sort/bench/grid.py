@@ -1,9 +1,10 @@
 """What a performance report measures: the grid of points, read by ``report`` (to measure) and ``plots`` (to draw).
 
 A point is ``(batch, n, tau, d, dtype)``, the ``POINT`` columns of the CSV schema (``bench.schema``). A ``Grid`` has
-three parts: an n sweep (at ``batch``, ``tau_ref``, over ``ds`` x ``dtypes``), a tau sweep (at ``n_ref``) and the
+four parts: an n sweep (at ``batch``, ``tau_ref``, over ``ds`` x ``dtypes``), a tau sweep (at ``n_ref``), the
 batch grid of common workloads (``workloads``: (B, n) pairs at ``tau_ref`` over ``workload_ds``, the first dtype),
-where the report compares our op with the dense formula and the peers, per call, with device-operation counts.
+where the report compares our op with the dense formula and the peers, per call, with device-operation counts, and
+the same comparison at every tau for a few of them (``tau_workloads``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # (B, n) of the batch grid: the sizes people train with (short lists in big batches, a few long lists).
 WORKLOADS = ((1, 8), (256, 8), (1, 100), (64, 100), (1024, 100), (64, 256), (16, 1000), (1, 4096))
 WORKLOAD_DS = (1, 16)
+# Workloads also measured at every tau of the grid: a short-list batch, where the cost of exp and of the products
+# depends on tau (the CPU's slow path for exp near the bottom of its range and subnormal products: (64, 100) at
+# tau = 0.1 once ran 6x-12x slower than at tau = 1, unseen by the tau sweep of one long list).
+TAU_WORKLOADS = ((64, 100),)
 # The variant that is "ours" (relaxed_sort_apply with its defaults) per device type, in tables and ratios.
 OURS = {"cpu": "torch_banded", "cuda": "triton_banded"}
 DENSE = "dense_reference"
@@ -40,6 +45,7 @@ class Grid:
     full: bool = False
     workloads: tuple[tuple[int, int], ...] = ()
     workload_ds: tuple[int, ...] = WORKLOAD_DS
+    tau_workloads: tuple[tuple[int, int], ...] = ()  # (B, n) pairs measured at every tau over ``workload_ds``
     memory_ds: tuple[int, ...] | None = None  # CPU: d of the fresh-process memory runs (None: the first d)
     seconds_per_timing: float = 0.25  # CPU only: keep repeating a timed call until this much time has passed
     max_reps: int = 100  # rounds at most: short calls get more samples within the same time budget
@@ -68,9 +74,15 @@ class Grid:
     def workload_points(self) -> set[Point]:
         return {(b, n, self.tau_ref, d, self.dtypes[0]) for b, n in self.workloads for d in self.workload_ds}
 
+    def tau_workload_points(self) -> set[Point]:
+        """The ``tau_workloads`` at every tau, over ``workload_ds`` and the first dtype."""
+        return {(b, n, tau, d, self.dtypes[0]) for b, n in self.tau_workloads for tau in self.taus
+                for d in self.workload_ds}
+
     def points(self) -> list[Point]:
         """Every point to measure, least work (batch x n^2) first."""
-        return sorted(self.sweep_points() | self.workload_points(), key=lambda p: (p[0] * p[1] ** 2, p))
+        return sorted(self.sweep_points() | self.workload_points() | self.tau_workload_points(),
+                      key=lambda p: (p[0] * p[1] ** 2, p))
 
     @classmethod
     def from_rows(cls, rows: Iterable[dict]) -> Grid:
@@ -83,10 +95,15 @@ class Grid:
         batch = max(set(batches), key=batches.count)
         sweep = [r for r in rows if int(r["batch"]) == batch]
         taus = tuple(sorted({float(r["tau"]) for r in sweep}))
+        others = [r for r in rows if int(r["batch"]) != batch]
+        pair_taus: dict[tuple[int, int], set[float]] = {}
+        for r in others:
+            pair_taus.setdefault((int(r["batch"]), int(r["n"])), set()).add(float(r["tau"]))
         return cls(ns=tuple(sorted({int(r["n"]) for r in sweep})), taus=taus,
                    ds=tuple(sorted({int(r["d"]) for r in sweep})),
                    dtypes=tuple(dict.fromkeys(r["dtype"] for r in sweep)), batch=batch,
-                   workloads=tuple(sorted({(int(r["batch"]), int(r["n"])) for r in rows if int(r["batch"]) != batch})))
+                   workloads=tuple(sorted(pair_taus)),
+                   tau_workloads=tuple(sorted(pair for pair, seen in pair_taus.items() if len(seen) > 1)))
 
 
 def default_grid(device: torch.device, quick: bool) -> Grid:
@@ -94,11 +111,13 @@ def default_grid(device: torch.device, quick: bool) -> Grid:
     ``WORKLOADS`` batch grid."""
     if device.type == "cuda":
         if quick:
-            return Grid(ns=tuple(2**k for k in range(8, 15)), batch=4, workloads=WORKLOADS, max_seconds=1.0)
+            return Grid(ns=tuple(2**k for k in range(8, 15)), batch=4, workloads=WORKLOADS,
+                        tau_workloads=TAU_WORKLOADS, max_seconds=1.0)
         return Grid(ns=tuple(2**k for k in range(8, 18)), dtypes=tuple(DTYPES), batch=4, full=True,
-                    workloads=WORKLOADS, max_seconds=30.0)
+                    workloads=WORKLOADS, tau_workloads=TAU_WORKLOADS, max_seconds=30.0)
     if quick:
         # The batch grid carries d = 16; the n sweep stays at d = 1 so that the whole report takes minutes.
-        return Grid(ns=(256, 1024, 4096), ds=(1,), workloads=WORKLOADS, max_seconds=2.0)
-    return Grid(ns=tuple(2**k for k in range(8, 15)), full=True, workloads=WORKLOADS, memory_ds=(1, 64),
-                max_seconds=60.0)
+        return Grid(ns=(256, 1024, 4096), ds=(1,), workloads=WORKLOADS, tau_workloads=TAU_WORKLOADS,
+                    max_seconds=2.0)
+    return Grid(ns=tuple(2**k for k in range(8, 15)), full=True, workloads=WORKLOADS, tau_workloads=TAU_WORKLOADS,
+                memory_ds=(1, 64), max_seconds=60.0)

@@ -443,7 +443,7 @@ def run(grid: Grid, variants: list[Variant], device: torch.device, *, csv_path: 
     """
     with RowWriter("report", csv_path) as rec:
         points = grid.points()
-        workloads = grid.workload_points()
+        workloads = grid.workload_points() | grid.tau_workload_points()
         largest: dict[tuple, tuple[Point, float]] = {}  # (variant, tau, d, dtype) -> (point, fwd + bwd seconds)
         for index, point in enumerate(points):
             if progress:
@@ -572,6 +572,25 @@ def workload_table(rows: list[dict], grid: Grid, device_type: str) -> list[str]:
     return lines
 
 
+def tau_table(rows: list[dict], grid: Grid, device_type: str) -> list[str]:
+    """Markdown: the ``tau_workloads`` at every tau, ours against the dense formula (forward + backward)."""
+    ours = OURS.get(device_type, OURS["cpu"])
+    if not grid.tau_workloads:
+        return []
+    lines = [f"Temperature (forward + backward, {grid.dtypes[0]}): median time of ours (`{ours}`) and of the dense "
+             "formula at each tau (on CPU, exp near the bottom of its range and products with subnormal numbers "
+             "take a slow path, so a call's time depends on tau).", "",
+             "| B | n | d | tau | dense | ours | x dense |", "|---" * 7 + "|"]
+    for batch, n, tau, d, dtype in sorted(grid.tau_workload_points()):
+        where = {"batch": batch, "n": n, "tau": tau, "d": d, "dtype": dtype, "pass": "forward+backward"}
+        dense = _value(rows, variant=DENSE, metric="time", **where)
+        mine = _value(rows, variant=ours, metric="time", **where)
+        lines.append(f"| {batch} | {n} | {d} | {tau:g} | {'-' if dense is None else _fmt_seconds(dense)} | "
+                     f"{'-' if mine is None else _fmt_seconds(mine)} | "
+                     f"{f'{mine / dense:.2f}x' if mine and dense else '-'} |")
+    return lines
+
+
 def exp_rate_table(rows: list[dict]) -> list[str]:
     """Markdown: achieved exponentials per second of the Triton variants (GPU runs only)."""
     rates = list(_select(rows, metric="exp_rate", status="ok"))
@@ -619,8 +638,11 @@ def write_readme(rows: list[dict], folder: Path, grid: Grid, variants: list[Vari
              f"({memory}). Errors are `||out - ref|| / ||ref||` against the paper's dense formula in float64.", "",
              "Variants:", ""]
     lines += [f"- `{v.name}`: {v.description}" for v in variants]
-    lines += ["", *workload_table(rows, grid, device.type), "", *summary_table(rows, grid, [v.name for v in variants]),
-              ""]
+    lines += ["", *workload_table(rows, grid, device.type), ""]
+    temperature = tau_table(rows, grid, device.type)
+    if temperature:
+        lines += [*temperature, ""]
+    lines += [*summary_table(rows, grid, [v.name for v in variants]), ""]
     rate_lines = exp_rate_table(rows)
     if rate_lines:
         lines += [*rate_lines, ""]
@@ -674,6 +696,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the batch grid's (B, n) pairs (default: the common workloads, or none when --n or "
                              "--batch is given; with no value: none)")
     parser.add_argument("--workload-d", type=positive_int, nargs="+", help="value widths of the batch grid")
+    parser.add_argument("--tau-workloads", type=_workload, nargs="*", metavar="BxN",
+                        help="(B, n) pairs also measured at every --tau (default: 64x100, or none when --n, --batch "
+                             "or --workloads is given; with no value: none)")
     parser.add_argument("--no-counts", action="store_true", help="do not count device operations and host syncs")
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="variants (default all)")
@@ -682,11 +707,13 @@ def main(argv: list[str] | None = None) -> int:
     folder = check_writable(parser, args.out / machine_name())
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     grid = default_grid(device, args.quick)
-    workloads = args.workloads
+    workloads, tau_workloads = args.workloads, args.tau_workloads
     if workloads is None and (args.n is not None or args.batch is not None):
         workloads = []  # a sweep asked for by hand: just that
+    if tau_workloads is None and workloads is not None:
+        tau_workloads = []
     overrides = {"ns": args.n, "taus": args.tau, "ds": args.d, "dtypes": args.dtype, "batch": args.batch,
-                 "workloads": workloads, "workload_ds": args.workload_d}
+                 "workloads": workloads, "workload_ds": args.workload_d, "tau_workloads": tau_workloads}
     grid = dataclasses.replace(grid, count_ops=not args.no_counts,
                                **{key: tuple(value) if isinstance(value, list) else value
                                   for key, value in overrides.items() if value is not None})
