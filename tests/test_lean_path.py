@@ -9,7 +9,7 @@ import torch
 from reference import relative_error, scores_grad_floor, tolerance, use_torch_chunks
 
 import triton_sort
-from triton_sort import _backends, ops, relaxed_sort_apply
+from triton_sort import _backends, _one_shot, ops, relaxed_sort_apply
 from triton_sort.api import check_tau
 from triton_sort.reference import dense_sort_matrix
 
@@ -179,3 +179,57 @@ def test_batched_product_is_the_plain_product():
             torch.testing.assert_close(_backends.batched_product(w, values), expected, rtol=1e-13, atol=1e-13)
     assert _backends.swaps_product(4, 100, 100, 16, "cpu") and not _backends.swaps_product(300, 8, 8, 16, "cpu")
     assert not _backends.swaps_product(4, 100, 100, 16, "cuda")  # GPUs: the plain product
+
+
+def _lean_step(scores, x, tau, grad, **options):
+    """(out, d_scores, d_x, d_tau) of one lean forward + backward on the PyTorch path."""
+    s, v, t = scores.clone().requires_grad_(), x.clone().requires_grad_(), tau.clone().requires_grad_()
+    out = relaxed_sort_apply(s, v, t, backend="torch", **options)
+    return (out.detach(), *torch.autograd.grad(out, (s, v, t), grad))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_scratch_buffers_hold_nothing_between_calls(masked):
+    """The lean path's scratch buffers (``_one_shot._scratch``: score differences and dz, reused per thread on CPU
+    from SCRATCH_MIN_ELEMENTS entries) are consumed where they are made: two interleaved calls of the same shape
+    (forward, forward, backward, backward) and calls from several threads give what each gives alone."""
+    import threading
+
+    batch, n, d = 3, 80, 2
+    assert batch * n * n >= _one_shot.SCRATCH_MIN_ELEMENTS
+    mask = torch.rand(batch, n, generator=torch.Generator().manual_seed(5)) < 0.7 if masked else None
+    inputs = [(*_inputs(batch, n, d, ties=True, seed=seed), torch.tensor(0.3 + seed, dtype=F64)) for seed in (6, 7, 8)]
+    alone = [_lean_step(s, v, t, g, mask=mask) for s, v, g, t in inputs]
+
+    graphs = []
+    for s, v, g, t in inputs[:2]:  # both forwards first, then both backwards
+        leaves = s.clone().requires_grad_(), v.clone().requires_grad_(), t.clone().requires_grad_()
+        graphs.append((relaxed_sort_apply(*leaves, backend="torch", mask=mask), leaves, g))
+    for (out, leaves, g), expected in zip(graphs, alone, strict=False):
+        for a, b in zip((out.detach(), *torch.autograd.grad(out, leaves, g)), expected, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    results: dict[int, list] = {}
+
+    def work(index: int) -> None:
+        s, v, g, t = inputs[index]
+        results[index] = [_lean_step(s, v, t, g, mask=mask) for _ in range(5)]
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for index, expected in enumerate(alone):
+        for step in results[index]:
+            for a, b in zip(step, expected, strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_scratch_buffers_made_in_inference_mode_serve_training_calls():
+    scores, x, grad = _inputs(2, 100, 1, seed=9)
+    with torch.inference_mode():
+        first = relaxed_sort_apply(scores.float(), x.float(), 0.5)  # makes the scratch buffers of this shape
+    out, *grads = _lean_step(scores.float(), x.float(), torch.tensor(0.5, dtype=F64), grad.float())
+    torch.testing.assert_close(out, first, rtol=0, atol=0)
+    assert all(bool(g.isfinite().all()) for g in grads)
