@@ -233,3 +233,45 @@ def test_scratch_buffers_made_in_inference_mode_serve_training_calls():
     out, *grads = _lean_step(scores.float(), x.float(), torch.tensor(0.5, dtype=F64), grad.float())
     torch.testing.assert_close(out, first, rtol=0, atol=0)
     assert all(bool(g.isfinite().all()) for g in grads)
+
+
+def _matrix_step(scores, tau, grad, **options):
+    """(P_hat, d_scores, d_tau) of relaxed_sort_matrix on the PyTorch path, forward + backward."""
+    s, t = scores.clone().requires_grad_(), tau.clone().requires_grad_()
+    matrix = triton_sort.relaxed_sort_matrix(s, t, backend="torch", **options)
+    return (matrix.detach(), *torch.autograd.grad(matrix, (s, t), grad))
+
+
+@pytest.mark.parametrize("descending", [True, False])
+@pytest.mark.parametrize("banded", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+def test_lean_matrix_matches_the_chunked_matrix(monkeypatch, descending, banded, masked):
+    """``relaxed_sort_matrix`` of one-shot sizes takes ``_one_shot.lean_matrix``: the same matrix (the band's exact
+    zeros at the same entries, padded rows and columns 0), scores and tau gradients as the chunked evaluation."""
+    scores, _, _ = _inputs(3, 40, 1, ties=True, seed=10)
+    scores = scores * 3  # wide enough that the band cuts rows at tau = 0.2
+    grad = torch.randn(3, 40, 40, generator=torch.Generator().manual_seed(11), dtype=F64)
+    mask = torch.rand(3, 40, generator=torch.Generator().manual_seed(12)) < 0.7 if masked else None
+    tau = torch.tensor(0.2, dtype=F64)
+    assert _backends.TorchBackend().lean(3, 40, "cpu")
+    lean = _matrix_step(scores, tau, grad, descending=descending, banded=banded, mask=mask)
+    use_torch_chunks(monkeypatch, entries=2 * 40 * 40)
+    chunked = _matrix_step(scores, tau, grad, descending=descending, banded=banded, mask=mask)
+    assert torch.equal(lean[0] == 0, chunked[0] == 0)
+    assert bool((lean[0] == 0).any()) == (banded or masked)
+    for name, a, b in zip(("matrix", "d_scores", "d_tau"), lean, chunked, strict=True):
+        _assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_lean_matrix_gradcheck_and_inputs_untouched(masked):
+    scores, _, _ = _inputs(2, 6, 1, ties=True, seed=13)
+    mask = torch.tensor([[True, False, True, True, False, True], [True] * 6]) if masked else None
+    tau = torch.tensor(0.6, dtype=F64, requires_grad=True)
+    s = scores.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda s, t: triton_sort.relaxed_sort_matrix(s, t, mask=mask), (s, tau))
+    matrix = triton_sort.relaxed_sort_matrix(s, tau, mask=mask)
+    kept, grad = matrix.detach().clone(), torch.randn_like(matrix)
+    grad_kept = grad.clone()
+    matrix.backward(grad)  # float64: the backward must not write into the output or the incoming gradient
+    assert torch.equal(matrix.detach(), kept) and torch.equal(grad, grad_kept)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ._backends import EXP_FLOOR, batched_product
-from ._columns import index_positions
+from ._columns import band_threshold, index_positions
 from ._validation import tau_checked
 
 _CONSTANTS: dict[tuple[int, str, bool], tuple[Tensor, Tensor]] = {}
@@ -173,15 +173,19 @@ def lean_logits(terms: LeanTerms, descending: bool) -> Tensor:
     return b_rows_cols.addcmul_(_differences(terms.u, terms.scores, descending), terms.scaled[0].unsqueeze(1))
 
 
-def lean_weights(terms: LeanTerms, descending: bool) -> Tensor:
+def lean_weights(terms: LeanTerms, descending: bool, banded: bool = False) -> Tensor:
     """P_hat by output row and item (B, n, n) float64: real rows sum to 1, padded columns are exactly 0, padded rows
     finite garbage (every product zeroes them: the output's padded rows and the gradient's): exp over the row sum
     (the row maximum is the diagonal's 0, so no shift is needed). The logits are clamped to [EXP_FLOOR, 0]
     (float64's), at every size: exp of a logit below the floor, and products of its near-denormal weight, take
     the CPU's slow path (at tau = 0.1, (64, 100) ran 6x and (1, 100) 1.8x slower unclamped; the clamp is one
-    operation); padded rows' logits have no bound either way, real rows' are <= 0 anyway (drops are >= 0)."""
+    operation); padded rows' logits have no bound either way, real rows' are <= 0 anyway (drops are >= 0).
+    ``banded``: exactly 0 past the band's threshold (``relaxed_sort_matrix``'s exact zeros), before the row sums."""
     logits = lean_logits(terms, descending).clamp_(min=EXP_FLOOR[torch.float64], max=0.0)
+    outside = logits < -band_threshold(terms.u.shape[-1]) if banded else None
     weights = logits.exp_()  # (torch.softmax: 2 operations fewer, but 1.2x-10x slower on CPU from B n > 16 rows)
+    if outside is not None:
+        weights.masked_fill_(outside, 0.0)
     if terms.valid is None:
         return weights.div_(weights.sum(-1, keepdim=True))
     weights.mul_(terms.mask.double().unsqueeze(1))
@@ -225,9 +229,15 @@ def lean_backward(probs: Tensor, terms: LeanTerms, rows: Tensor, cols: Tensor, d
     from the dense signs S_kj = sign(t_k - t_j) over items (``sum_k S_kj = -cnt_j`` over real k, S antisymmetric),
     times sigma for ``s``: folded into the constant rows and the signs' operand order (see ``_constants``). A list
     of m real items has ``c_p = 2p + 1 - m``: the constant rows' ``2p + 1 - n`` plus ``n - m``."""
-    batch, n = terms.u.shape
     dz = _outer(rows, cols).mul_(probs)
     dz.addcmul_(probs, dz.sum(-1, keepdim=True), value=-1)
+    return lean_scores_gradient(dz, terms, descending, dtype), dz
+
+
+def lean_scores_gradient(dz: Tensor, terms: LeanTerms, descending: bool, dtype: torch.dtype) -> Tensor:
+    """d_scores (B, n) by item in ``dtype`` (0 on padded items) from the logits' gradient dz (B, n, n) float64 by
+    output row and item (0 on padded rows and columns); see ``lean_backward``."""
+    batch, n = terms.u.shape
     column_sums = torch.bmm(terms.scaled[2:].expand(batch, 2, n), dz)  # sigma / tau [sum_p c_p dz_pj, r_j]
     c_dz, r = column_sums[:, 0], column_sums[:, 1]
     if terms.length is None:
@@ -241,7 +251,7 @@ def lean_backward(probs: Tensor, terms: LeanTerms, rows: Tensor, cols: Tensor, d
     gradient = torch.addcmul(c_dz, tie_sums[:, 1], r).add_(tie_sums[:, 0])  # a fresh, contiguous tensor
     if terms.mask is not None:  # padded items: exactly 0 (their signs are arbitrary)
         gradient = torch.where(terms.mask, gradient, 0.0)
-    return _CASTS[dtype](gradient), dz
+    return _CASTS[dtype](gradient)
 
 
 def saved_values(x: Tensor, terms: LeanTerms, transpose: bool) -> Tensor:
@@ -287,3 +297,28 @@ def lean_apply_backward(probs: Tensor, terms: LeanTerms, saved: Tensor, grad: Te
     if need_tau:  # D = -tau * logits
         tau_terms = lean_logits(terms, descending).mul_(dz).sum((1, 2)).mul_(tau.detach()).neg_()
     return d_scores, d_x, tau_terms
+
+
+def lean_matrix(scores: Tensor, tau: Tensor, descending: bool, banded: bool, mask: Tensor | None = None
+                ) -> tuple[Tensor, LeanTerms]:
+    """``relaxed_sort_matrix`` of a small problem: (P_hat (B, n, n) in the scores' dtype by output row and item,
+    padded rows and columns 0, exact zeros past the band when ``banded``; the terms)."""
+    terms = sort_scores(scores, tau, descending, mask)
+    return _CASTS[scores.dtype](_real(lean_weights(terms, descending, banded), terms.valid)), terms
+
+
+def lean_matrix_backward(grad: Tensor, matrix: Tensor, terms: LeanTerms, tau: Tensor, descending: bool,
+                         need_tau: bool) -> tuple[Tensor, Tensor | None]:
+    """(d_scores (B, n), the tau terms (B,) float64 or None unless ``need_tau``) of ``lean_matrix`` from dL/dP_hat
+    ``grad`` and the forward's ``matrix`` (B, n, n), both by output row and item. The matrix is renormalised in
+    float64 (rows summing to 1 up to its dtype's rounding would rescale whole rows of dz, and d_scores sums rows
+    whose contributions largely cancel); entries it holds as 0 (past the band, padding) get no gradient."""
+    probs = matrix.double()  # (out of place below: a float64 matrix or grad is the caller's own tensor)
+    row_sums = probs.sum(-1, keepdim=True)
+    probs = torch.div(probs, row_sums if terms.valid is None else row_sums.clamp_(min=0.5))  # padded rows: all 0
+    dz = torch.mul(_real(grad.double(), terms.valid), probs)
+    dz.addcmul_(probs, dz.sum(-1, keepdim=True), value=-1)
+    d_scores = lean_scores_gradient(dz, terms, descending, matrix.dtype)
+    if not need_tau:
+        return d_scores, None
+    return d_scores, lean_logits(terms, descending).mul_(dz).sum((1, 2)).mul_(tau.detach()).neg_()

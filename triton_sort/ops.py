@@ -32,7 +32,15 @@ from ._backends import (
     signed_sum_gradient,
 )
 from ._columns import TENSOR_FIELDS, SortedTerms, index_positions, positions
-from ._one_shot import LeanTerms, lean_apply, lean_apply_backward, lean_terms, saved_values
+from ._one_shot import (
+    LeanTerms,
+    lean_apply,
+    lean_apply_backward,
+    lean_matrix,
+    lean_matrix_backward,
+    lean_terms,
+    saved_values,
+)
 from ._validation import tau_checked, validation_enabled
 
 TERM_FIELDS = TENSOR_FIELDS
@@ -485,6 +493,14 @@ def sort_matrix(scores: Tensor, tau: Tensor, mask: Tensor | None, descending: bo
     (``mask``): rows and columns of padding are 0."""
     validate_data(scores, None, tau, mask)
     impl = BACKENDS[backend]
+    if _lean_matrix(scores, backend, hard):  # small problems: the lean path's weights (no tie counts: empty)
+        out, lean = lean_matrix(scores, tau, descending, banded, mask)
+        if not validation_enabled():  # a NaN-poisoned list is NaN throughout, its padded rows too
+            out = out + poison_lists(scores, None, mask)[:, None, None].to(out.dtype)
+        empty = lean.order.new_empty((lean.order.shape[0], 0))
+        length = torch.full_like(lean.order[:, 0], lean.order.shape[1]) if lean.length is None else lean.length
+        return (out, lean.order, lean.u, lean.b, lean.u.new_empty(empty.shape), empty, empty.clone(), empty.clone(),
+                empty.clone(), length)
     terms = impl.prepare(scores, tau, banded, None, mask)
     if hard:
         order = hard_order(scores, descending, mask)
@@ -500,9 +516,16 @@ def sort_matrix(scores: Tensor, tau: Tensor, mask: Tensor | None, descending: bo
     return (out, *terms.tensors())
 
 
+def _lean_matrix(scores: Tensor, backend: str, hard: bool) -> bool:
+    """Whether the matrix op takes the lean path (``_one_shot.lean_matrix``): the PyTorch path's one-shot sizes,
+    relaxed (the exact permutation of ``hard`` is a scatter of its own). Its terms have no tie counts."""
+    return backend == "torch" and not hard and BACKENDS["torch"].lean(*scores.shape, scores.device)
+
+
 @sort_matrix.register_fake
 def _(scores, tau, mask, descending, hard, banded, backend):
-    return (scores.new_empty((*scores.shape, scores.shape[-1])), *_fake_terms(scores, backend, banded))
+    return (scores.new_empty((*scores.shape, scores.shape[-1])),
+            *_fake_terms(scores, backend, banded, counts=not _lean_matrix(scores, backend, hard)))
 
 
 @custom_op("triton_sort::matrix_backward")
@@ -511,7 +534,11 @@ def sort_matrix_backward(grad: Tensor, soft: Tensor, tau: Tensor, order: Tensor,
                          need_tau: bool, masked: bool) -> tuple[Tensor, Tensor]:
     """(d_scores (B, n), tau terms (B,) or (B, 0)) from dL/dP_hat (B, n, n). O(n^2) like the matrix itself; the same
     for both backends. Entries outside the band are exactly 0 in ``soft``, so they get no gradient, as in the banded
-    forward; so are padded rows and columns."""
+    forward; so are padded rows and columns. Terms without tie counts are the lean forward's (``lean_matrix``)."""
+    if count.shape[-1] != order.shape[-1]:  # t = u, w = b of the lean path
+        lean = lean_terms(t, order, tau, descending, length if masked else None, b=w)
+        d_scores, tau_terms = lean_matrix_backward(grad, soft, lean, tau, descending, need_tau)
+        return d_scores, t.new_empty((t.shape[0], 0)) if tau_terms is None else tau_terms
     terms = SortedTerms(order, t, w, count, less, not_greater, order[:, :0], order[:, :0], length, masked)
     work = torch.float64
     # Into sorted coordinates (row p, column m), where the weights are exp(-D_p(m) / tau) / l_p.
