@@ -226,3 +226,18 @@ def test_cli_checks_the_output_folder_before_measuring(tmp_path, capsys, monkeyp
     with pytest.raises(SystemExit) as exit_info:
         report.main(["--n", "8", "--out", str(blocker)])
     assert exit_info.value.code == 2 and f"--out: cannot write to {blocker}" in capsys.readouterr().err
+
+
+def test_matrix_variant_is_measured_on_cpu_and_tabled(tmp_path):
+    """``torch_matrix`` (relaxed_sort_matrix @ x) beside the dense formula in the batch grid's last column; on a GPU
+    it is skipped with the reason (the Triton matrix kernel is measured there)."""
+    grid = dataclasses.replace(TINY, ns=(16,), taus=(1.0,), ds=(1,), workloads=((3, 8),), workload_ds=(2,),
+                               memory_ds=(), count_ops=False)
+    variants = [VARIANTS["dense_reference"], VARIANTS["torch_matrix"]]
+    rows = report.run(grid, variants, CPU, progress=False)
+    errors = [float(r["median"]) for r in rows if r["variant"] == "torch_matrix" and r["metric"] == "rel_error"]
+    assert errors and max(errors) < 1e-5  # P_hat @ x, against the float64 dense formula
+    report.write_report(rows, tmp_path, grid, variants, "triton-sort report --test", CPU, 1.0)
+    readme = (tmp_path / "README.md").read_text()
+    assert re.search(r"\| 3 \| 8 \| 2 \| .* \| [\d.]+ [mu]s \([\d.]+x\) \|\n", readme)
+    assert "on a GPU" in VARIANTS["torch_matrix"].unavailable(torch.device("cuda"), 1)

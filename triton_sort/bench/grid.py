@@ -25,6 +25,8 @@ WORKLOAD_DS = (1, 16)
 TAU_WORKLOADS = ((64, 100),)
 # The variant that is "ours" (relaxed_sort_apply with its defaults) per device type, in tables and ratios.
 OURS = {"cpu": "torch_banded", "cuda": "triton_banded"}
+# ... and ours when the matrix itself is wanted (``relaxed_sort_matrix``, then a product with x).
+OURS_MATRIX = {"cpu": "torch_matrix", "cuda": "triton_matrix"}
 DENSE = "dense_reference"
 
 Point = tuple[int, int, float, int, str]  # (batch, n, tau, d, dtype)

@@ -41,7 +41,7 @@ import triton_sort
 from .. import __version__, relaxed_sort_apply, relaxed_sort_matrix
 from ..reference import dense_sort_apply
 from .counting import count_device_ops
-from .grid import DENSE, DTYPES, OURS, PASSES, WORKLOADS, Grid, Point, default_grid
+from .grid import DENSE, DTYPES, OURS, OURS_MATRIX, PASSES, WORKLOADS, Grid, Point, default_grid
 from .memory import MIB, peak_extra_bytes
 from .schema import (
     COLUMNS,
@@ -85,6 +85,12 @@ def _missing(module: str) -> Callable[[torch.device, int], str | None]:
 def _needs_gpu(device: torch.device, d: int) -> str | None:
     if device.type != "cuda":
         return "Triton kernels need a GPU; on CPU they only run in Triton's interpreter, whose timings mean nothing"
+    return None
+
+
+def _cpu_only(device: torch.device, d: int) -> str | None:
+    if device.type == "cuda":
+        return "on a GPU the materialised matrix is measured as `triton_matrix` (the Triton matrix kernel)"
     return None
 
 
@@ -171,6 +177,9 @@ VARIANTS: dict[str, Variant] = {variant.name: variant for variant in (
     Variant("triton_matrix", "`relaxed_sort_matrix(..., banded=False, backend=\"triton\") @ x`: Triton matrix "
             "kernel", lambda s, x, tau: relaxed_sort_matrix(s, tau, banded=False, backend="triton") @ x, _needs_gpu,
             matrix_copies=5, exps={"forward": 2.0, "forward+backward": 2.0}),
+    Variant("torch_matrix", "`relaxed_sort_matrix(..., backend=\"torch\") @ x`: the PyTorch path's materialised "
+            "P_hat (ours on CPU when the matrix itself is wanted; on a GPU see `triton_matrix`)",
+            lambda s, x, tau: relaxed_sort_matrix(s, tau, backend="torch") @ x, _cpu_only, matrix_copies=3),
     Variant("triton_streaming", "`relaxed_sort_apply(..., banded=False, backend=\"triton\")`: streaming Triton "
             "kernels, every column", lambda s, x, tau: relaxed_sort_apply(s, x, tau, banded=False, backend="triton"),
             _needs_gpu, exps=_STREAMING_EXPS),
@@ -538,15 +547,17 @@ def workload_table(rows: list[dict], grid: Grid, device_type: str) -> list[str]:
     """Markdown: the batch grid. Forward + backward median times, ours against the dense formula (ratio), device
     operations and host syncs per forward + backward, and the peers against the variant each replaces."""
     ours = OURS.get(device_type, OURS["cpu"])
+    matrix = OURS_MATRIX.get(device_type, OURS_MATRIX["cpu"])
     if not grid.workloads:
         return []
     lines = [f"Batch grid (forward + backward, tau = {grid.tau_ref}, {grid.dtypes[0]}): median time; `ours` is "
              f"`{ours}` (`relaxed_sort_apply` with its defaults), `x dense` its time over the dense formula's in "
              "this run; ops = device operations per call (kernel-launching torch ops + Triton launches, "
-             "`triton_sort.bench.counting`), syncs = host synchronisations per call; peers in the last columns "
-             "(`pykeops` against ours, torchsort's soft sort and rank against ours at d = 1, ratio = peer / ours).",
+             "`triton_sort.bench.counting`), syncs = host synchronisations per call; peers in the next columns "
+             "(`pykeops` against ours, torchsort's soft sort and rank against ours at d = 1, ratio = peer / ours); "
+             f"last, our materialised `P_hat` times x (`{matrix}`) against the dense formula.",
              "", "| B | n | d | dense | ours | x dense | ops ours / dense | syncs ours | pykeops | relaxed_sort | "
-             "torchsort soft_sort | relaxed_rank | torchsort soft_rank |", "|---" * 13 + "|"]
+             "torchsort soft_sort | relaxed_rank | torchsort soft_rank | matrix (x dense) |", "|---" * 14 + "|"]
 
     def time_of(variant: str, where: dict) -> float | None:
         return _value(rows, variant=variant, metric="time", **where)
@@ -568,7 +579,8 @@ def workload_table(rows: list[dict], grid: Grid, device_type: str) -> list[str]:
             f"{mine / dense:.2f}x" if mine and dense else "-",
             " / ".join("-" if v is None else f"{v:.0f}" for v in ops), "-" if syncs is None else f"{syncs:.0f}",
             cell(time_of("pykeops", where), mine), cell(sort), cell(time_of("torchsort_soft_sort", where), sort),
-            cell(rank), cell(time_of("torchsort_soft_rank", where), rank)]) + " |")
+            cell(rank), cell(time_of("torchsort_soft_rank", where), rank), cell(time_of(matrix, where), dense)])
+                     + " |")
     return lines
 
 
