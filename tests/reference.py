@@ -57,5 +57,5 @@ def use_torch_chunks(monkeypatch, entries: int = 0) -> None:
     ``entries`` (list, row, column) entries, or (0) windowed row blocks."""
     from triton_sort import _backends
 
-    for limit in ("DENSE_ELEMENTS", "ONE_SHOT_ELEMENTS", "CPU_ONE_SHOT_ELEMENTS"):
+    for limit in ("DENSE_ELEMENTS", "ONE_SHOT_ELEMENTS", "CPU_ONE_SHOT_ELEMENTS", "LEAN_MATRIX_ELEMENTS"):
         monkeypatch.setattr(_backends, limit, entries)

@@ -34,6 +34,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import _backends
 from ._backends import EXP_FLOOR, batched_product
 from ._columns import band_threshold, index_positions
 from ._validation import tau_checked
@@ -90,8 +91,8 @@ _SCRATCH = threading.local()
 def _scratch(slot: str, shape: tuple[int, int, int], device: torch.device) -> Tensor | None:
     """A float64 buffer of ``shape`` for the temporary ``slot`` ("differences" or "dz"), or None (allocate afresh)
     off CPU and below SCRATCH_MIN_ELEMENTS. Its contents last until the slot's next use in this thread."""
-    if device.type != "cpu" or math.prod(shape) < SCRATCH_MIN_ELEMENTS:
-        return None
+    if device.type != "cpu" or not SCRATCH_MIN_ELEMENTS <= math.prod(shape) <= _backends.CPU_ONE_SHOT_ELEMENTS:
+        return None  # (larger: the lean matrix's sizes, not kept)
     buffers = _SCRATCH.__dict__
     buffer = buffers.get(slot)
     if buffer is None or buffer.shape != shape:
@@ -307,16 +308,21 @@ def lean_matrix(scores: Tensor, tau: Tensor, descending: bool, banded: bool, mas
     return _CASTS[scores.dtype](_real(lean_weights(terms, descending, banded), terms.valid)), terms
 
 
+def _float64_copy(values: Tensor) -> Tensor:
+    """A float64 tensor of ``values`` that may be written to (a copy also when it is float64 already)."""
+    return values.clone() if values.dtype == torch.float64 else values.double()
+
+
 def lean_matrix_backward(grad: Tensor, matrix: Tensor, terms: LeanTerms, tau: Tensor, descending: bool,
                          need_tau: bool) -> tuple[Tensor, Tensor | None]:
     """(d_scores (B, n), the tau terms (B,) float64 or None unless ``need_tau``) of ``lean_matrix`` from dL/dP_hat
     ``grad`` and the forward's ``matrix`` (B, n, n), both by output row and item. The matrix is renormalised in
     float64 (rows summing to 1 up to its dtype's rounding would rescale whole rows of dz, and d_scores sums rows
     whose contributions largely cancel); entries it holds as 0 (past the band, padding) get no gradient."""
-    probs = matrix.double()  # (out of place below: a float64 matrix or grad is the caller's own tensor)
+    probs = _float64_copy(matrix)  # (a float64 matrix or grad is the caller's own tensor: never written to)
     row_sums = probs.sum(-1, keepdim=True)
-    probs = torch.div(probs, row_sums if terms.valid is None else row_sums.clamp_(min=0.5))  # padded rows: all 0
-    dz = torch.mul(_real(grad.double(), terms.valid), probs)
+    probs = probs.div_(row_sums if terms.valid is None else row_sums.clamp_(min=0.5))  # padded rows: all 0
+    dz = _real(_float64_copy(grad), terms.valid).mul_(probs)
     dz.addcmul_(probs, dz.sum(-1, keepdim=True), value=-1)
     d_scores = lean_scores_gradient(dz, terms, descending, matrix.dtype)
     if not need_tau:

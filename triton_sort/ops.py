@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from . import _backends
 from ._backends import (
     BACKENDS,
     dense_drops,
@@ -518,8 +519,10 @@ def sort_matrix(scores: Tensor, tau: Tensor, mask: Tensor | None, descending: bo
 
 def _lean_matrix(scores: Tensor, backend: str, hard: bool) -> bool:
     """Whether the matrix op takes the lean path (``_one_shot.lean_matrix``): the PyTorch path's one-shot sizes,
-    relaxed (the exact permutation of ``hard`` is a scatter of its own). Its terms have no tie counts."""
-    return backend == "torch" and not hard and BACKENDS["torch"].lean(*scores.shape, scores.device)
+    relaxed (the exact permutation of ``hard`` is a scatter of its own), up to ``LEAN_MATRIX_ELEMENTS`` entries.
+    Its terms have no tie counts."""
+    batch, n = scores.shape
+    return backend == "torch" and not hard and 0 < batch * n * n <= _backends.LEAN_MATRIX_ELEMENTS
 
 
 @sort_matrix.register_fake
