@@ -255,6 +255,12 @@ def lean_scores_gradient(dz: Tensor, terms: LeanTerms, descending: bool, dtype: 
     return _CASTS[dtype](gradient)
 
 
+def _tau_terms(dz: Tensor, terms: LeanTerms, tau: Tensor, descending: bool) -> Tensor:
+    """``sum_pj dz_pj D_p(j)`` (B,) float64, the tau gradient's terms (dL/dtau is their sum over tau^2), from the
+    logits' gradient dz: D = -tau * logits."""
+    return lean_logits(terms, descending).mul_(dz).sum((1, 2)).mul_(tau.detach()).neg_()
+
+
 def saved_values(x: Tensor, terms: LeanTerms, transpose: bool) -> Tensor:
     """x (B, n, d) in float64 with padded entries 0: by item, or (``transpose``) by output row."""
     return _real(x.detach().double(), terms.valid if transpose else terms.mask)
@@ -295,8 +301,8 @@ def lean_apply_backward(probs: Tensor, terms: LeanTerms, saved: Tensor, grad: Te
         d_x = _cast(batched_product(probs.transpose(1, 2), rows), dtype) if need_x else None
     d_scores, dz = lean_backward(probs, terms, rows, cols, descending, dtype)
     tau_terms = None
-    if need_tau:  # D = -tau * logits
-        tau_terms = lean_logits(terms, descending).mul_(dz).sum((1, 2)).mul_(tau.detach()).neg_()
+    if need_tau:
+        tau_terms = _tau_terms(dz, terms, tau, descending)
     return d_scores, d_x, tau_terms
 
 
@@ -327,4 +333,4 @@ def lean_matrix_backward(grad: Tensor, matrix: Tensor, terms: LeanTerms, tau: Te
     d_scores = lean_scores_gradient(dz, terms, descending, matrix.dtype)
     if not need_tau:
         return d_scores, None
-    return d_scores, lean_logits(terms, descending).mul_(dz).sum((1, 2)).mul_(tau.detach()).neg_()
+    return d_scores, _tau_terms(dz, terms, tau, descending)

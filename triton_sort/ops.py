@@ -271,6 +271,17 @@ def register_batch_vmap(op, name: str, batched: tuple[int, ...], tau_index: int)
 
 
 # ----------------------------------------------------------------------------------- small problems (lean path)
+def _lean_term_tensors(terms: LeanTerms) -> tuple[Tensor, ...]:
+    """The ops' ``TERM_FIELDS`` outputs from the lean path's terms: order, t = u, w = b, no tie counts or windows
+    (empty (B, 0): how the backwards recognise them) and the lengths (n for unpadded lists). Fresh empties, as
+    outputs of a custom op may not alias one another."""
+    order = terms.order
+    empty = order.new_empty((order.shape[0], 0))
+    length = torch.full_like(order[:, 0], order.shape[1]) if terms.length is None else terms.length
+    return (order, terms.u, terms.b, terms.u.new_empty(empty.shape), empty, empty.clone(), empty.clone(),
+            empty.clone(), length)
+
+
 def lean_forward(scores: Tensor, x: Tensor, tau: Tensor, mask: Tensor | None, descending: bool, hard: bool,
                  transpose: bool) -> tuple:
     """``_one_shot.lean_apply`` with the data checks (one synchronisation): a non-finite real score or value, or a
@@ -362,12 +373,8 @@ def sort_apply(scores: Tensor, x: Tensor, tau: Tensor, mask: Tensor | None, desc
     impl = BACKENDS[backend]
     if backend == "torch" and impl.lean(*scores.shape, scores.device):
         out, _, probs, terms, _ = lean_forward(scores, x, tau, mask, descending, hard, transpose)
-        order, u = terms.order, terms.u
-        norm = torch.ones_like(u)  # the saved weights are normalised
-        empty = order.new_empty((order.shape[0], 0))
-        length = torch.full_like(order[:, 0], order.shape[1]) if terms.length is None else terms.length
-        return (out, norm, probs, order, u, terms.b, u.new_empty(empty.shape), empty, empty.clone(), empty.clone(),
-                empty.clone(), length)
+        norm = torch.ones_like(terms.u)  # the saved weights are normalised
+        return (out, norm, probs, *_lean_term_tensors(terms))
     value_mask = rank_mask(mask) if transpose and mask is not None else mask
     validate_data(scores, x, tau, mask, value_mask)
     if not transpose and impl.fuses_apply(*x.shape):
@@ -494,14 +501,11 @@ def sort_matrix(scores: Tensor, tau: Tensor, mask: Tensor | None, descending: bo
     (``mask``): rows and columns of padding are 0."""
     validate_data(scores, None, tau, mask)
     impl = BACKENDS[backend]
-    if _lean_matrix(scores, backend, hard):  # small problems: the lean path's weights (no tie counts: empty)
+    if _lean_matrix(scores, backend, hard):  # the lean path's weights are the matrix (no tie counts: empty)
         out, lean = lean_matrix(scores, tau, descending, banded, mask)
         if not validation_enabled():  # a NaN-poisoned list is NaN throughout, its padded rows too
             out = out + poison_lists(scores, None, mask)[:, None, None].to(out.dtype)
-        empty = lean.order.new_empty((lean.order.shape[0], 0))
-        length = torch.full_like(lean.order[:, 0], lean.order.shape[1]) if lean.length is None else lean.length
-        return (out, lean.order, lean.u, lean.b, lean.u.new_empty(empty.shape), empty, empty.clone(), empty.clone(),
-                empty.clone(), length)
+        return (out, *_lean_term_tensors(lean))
     terms = impl.prepare(scores, tau, banded, None, mask)
     if hard:
         order = hard_order(scores, descending, mask)
@@ -518,9 +522,9 @@ def sort_matrix(scores: Tensor, tau: Tensor, mask: Tensor | None, descending: bo
 
 
 def _lean_matrix(scores: Tensor, backend: str, hard: bool) -> bool:
-    """Whether the matrix op takes the lean path (``_one_shot.lean_matrix``): the PyTorch path's one-shot sizes,
-    relaxed (the exact permutation of ``hard`` is a scatter of its own), up to ``LEAN_MATRIX_ELEMENTS`` entries.
-    Its terms have no tie counts."""
+    """Whether the matrix op takes the lean path (``_one_shot.lean_matrix``): the PyTorch path, relaxed (the exact
+    permutation of ``hard`` is a scatter of its own), up to ``LEAN_MATRIX_ELEMENTS`` entries on any device. Its
+    terms have no tie counts."""
     batch, n = scores.shape
     return backend == "torch" and not hard and 0 < batch * n * n <= _backends.LEAN_MATRIX_ELEMENTS
 
